@@ -1,0 +1,41 @@
+// Multi-scale deformable attention: kernel entry points shared by the CPU and CUDA builds.
+//
+// Shapes (N batch, S = sum of H_l * W_l value positions, M heads, D channels per head,
+// Lq queries, L levels, P points):
+//   value               [N, S, M, D]          float64/float32/float16/bfloat16
+//   spatial_shapes      [L, 2] int64 (H, W)
+//   level_start_index   [L] int64
+//   sampling_loc        [N, Lq, M, L, P, 2]   (x, y) in [0, 1]; the value dtype, or float32
+//                                             when the value is float16/bfloat16
+//   attn_weight         [N, Lq, M, L, P]      the value dtype
+//   output              [N, Lq, M * D]        the value dtype
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace deformable_detr {
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index,
+                                      const at::Tensor& sampling_loc,
+                                      const at::Tensor& attn_weight);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
+    const at::Tensor& attn_weight, const at::Tensor& grad_output);
+
+// Checks what the kernels rely on for memory safety (ranks, sizes, dtypes, devices) and
+// returns the inputs made contiguous, with the sampling locations in the accumulation
+// dtype (float32 for half inputs). The friendlier checks live in the Python wrapper.
+struct MSDeformAttnArgs {
+  at::Tensor value, spatial_shapes, level_start_index, sampling_loc, attn_weight;
+  int64_t N, S, M, D, Lq, L, P;
+};
+MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                const at::Tensor& level_start_index,
+                                const at::Tensor& sampling_loc, const at::Tensor& attn_weight);
+
+}  // namespace deformable_detr

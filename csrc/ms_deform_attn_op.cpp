@@ -1,0 +1,102 @@
+// Registers multi-scale deformable attention as the PyTorch operators
+// deformable_detr::ms_deform_attn_forward / ms_deform_attn_backward. Backend kernels register
+// themselves in cpu/ and cuda/; autograd and the fake (meta) kernel are registered from
+// Python (deformable_detr/layers/ms_deform_attn.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ms_deform_attn.h"
+
+namespace deformable_detr {
+
+MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                const at::Tensor& level_start_index,
+                                const at::Tensor& sampling_loc, const at::Tensor& attn_weight) {
+  TORCH_CHECK_VALUE(value.dim() == 4, "value must be [N, S, M, D], got ", value.sizes());
+  TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
+                    "spatial_shapes must be [L, 2], got ", spatial_shapes.sizes());
+  TORCH_CHECK_VALUE(sampling_loc.dim() == 6 && sampling_loc.size(5) == 2,
+                    "sampling_locations must be [N, Lq, M, L, P, 2], got ",
+                    sampling_loc.sizes());
+  TORCH_CHECK_VALUE(attn_weight.dim() == 5, "attention_weights must be [N, Lq, M, L, P], got ",
+                    attn_weight.sizes());
+  MSDeformAttnArgs a;
+  a.N = value.size(0);
+  a.S = value.size(1);
+  a.M = value.size(2);
+  a.D = value.size(3);
+  a.Lq = sampling_loc.size(1);
+  a.L = sampling_loc.size(3);
+  a.P = sampling_loc.size(4);
+  TORCH_CHECK_VALUE(sampling_loc.size(0) == a.N && sampling_loc.size(2) == a.M,
+                    "sampling_locations ", sampling_loc.sizes(), " disagree with value ",
+                    value.sizes(), " in N or M");
+  TORCH_CHECK_VALUE(attn_weight.sizes() == sampling_loc.sizes().slice(0, 5),
+                    "attention_weights ", attn_weight.sizes(),
+                    " must match sampling_locations[..., 0] ", sampling_loc.sizes());
+  TORCH_CHECK_VALUE(spatial_shapes.size(0) == a.L && level_start_index.dim() == 1 &&
+                        level_start_index.size(0) == a.L,
+                    "spatial_shapes ", spatial_shapes.sizes(), " and level_start_index ",
+                    level_start_index.sizes(), " must have L = ", a.L, " levels");
+  TORCH_CHECK_TYPE(spatial_shapes.scalar_type() == at::kLong &&
+                       level_start_index.scalar_type() == at::kLong,
+                   "spatial_shapes and level_start_index must be int64");
+  const auto dtype = value.scalar_type();
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "value must be floating point, got ", dtype);
+  TORCH_CHECK_TYPE(attn_weight.scalar_type() == dtype, "attention_weights dtype ",
+                   attn_weight.scalar_type(), " must equal the value dtype ", dtype);
+  const bool reduced = dtype == at::kHalf || dtype == at::kBFloat16;
+  TORCH_CHECK_TYPE(sampling_loc.scalar_type() == dtype ||
+                       (reduced && sampling_loc.scalar_type() == at::kFloat),
+                   "sampling_locations dtype ", sampling_loc.scalar_type(),
+                   " must equal the value dtype ", dtype,
+                   " (or be float32 when the value is float16/bfloat16)");
+  const auto device = value.device();
+  for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_loc, &attn_weight}) {
+    TORCH_CHECK_VALUE(t->device() == device, "all inputs must be on ", device, ", got one on ",
+                      t->device());
+  }
+  a.value = value.contiguous();
+  a.spatial_shapes = spatial_shapes.contiguous();
+  a.level_start_index = level_start_index.contiguous();
+  a.sampling_loc = sampling_loc.to(reduced ? at::kFloat : dtype).contiguous();
+  a.attn_weight = attn_weight.contiguous();
+  return a;
+}
+
+}  // namespace deformable_detr
+
+TORCH_LIBRARY(deformable_detr, m) {
+  m.def(
+      "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cpu"] = true;
+#ifdef WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+#ifdef DEFORMABLE_DETR_CUDA_ARCHS
+  info["cuda_archs"] = std::string(DEFORMABLE_DETR_CUDA_ARCHS);
+#else
+  info["cuda_archs"] = std::string("");
+#endif
+  info["torch_version"] = std::string(DEFORMABLE_DETR_TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", &build_info, "What this extension was compiled with.");
+}

@@ -1,0 +1,81 @@
+// Bilinear sampling for multi-scale deformable attention, written once for the CPU and the
+// CUDA kernels.
+//
+// Convention (grid_sample with align_corners=False and zero padding): a normalised location
+// (x, y) in [0, 1] maps to the pixel coordinates w = x * W - 0.5, h = y * H - 0.5, so pixel
+// centres sit at (i + 0.5) / size. A location whose h is not in (-1, H) or whose w is not in
+// (-1, W) contributes nothing; corners outside the map count as zero. The corner index uses
+// floor, not a cast to int, because h and w can lie in (-1, 0).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MSDA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MSDA_HOST_DEVICE inline
+#endif
+
+namespace deformable_detr {
+
+// The four corners of one bilinear sample: flat spatial indices into a level (row-major
+// h * W + w, -1 where the corner is outside the map) and their interpolation weights.
+template <typename acc_t>
+struct BilinearCorners {
+  int64_t index[4];  // (h0, w0), (h0, w1), (h1, w0), (h1, w1)
+  acc_t weight[4];
+  // Fractional parts, kept for the derivatives with respect to the location.
+  acc_t lh, lw;
+};
+
+// Fills `c` for the normalised location (x, y) on a level of size H x W. Returns false when
+// the sample lies wholly outside the map (then it contributes nothing, not even gradient).
+template <typename acc_t>
+MSDA_HOST_DEVICE bool bilinear_corners(acc_t x, acc_t y, int64_t H, int64_t W,
+                                       BilinearCorners<acc_t>& c) {
+  const acc_t h = y * static_cast<acc_t>(H) - acc_t(0.5);
+  const acc_t w = x * static_cast<acc_t>(W) - acc_t(0.5);
+  if (!(h > acc_t(-1) && w > acc_t(-1) && h < static_cast<acc_t>(H) &&
+        w < static_cast<acc_t>(W))) {
+    return false;
+  }
+  const acc_t h0f = floor(h);
+  const acc_t w0f = floor(w);
+  const int64_t h0 = static_cast<int64_t>(h0f);
+  const int64_t w0 = static_cast<int64_t>(w0f);
+  const int64_t h1 = h0 + 1;
+  const int64_t w1 = w0 + 1;
+  c.lh = h - h0f;
+  c.lw = w - w0f;
+  const acc_t hh = acc_t(1) - c.lh;
+  const acc_t hw = acc_t(1) - c.lw;
+  const bool h0_in = h0 >= 0;
+  const bool h1_in = h1 <= H - 1;
+  const bool w0_in = w0 >= 0;
+  const bool w1_in = w1 <= W - 1;
+  c.index[0] = (h0_in && w0_in) ? h0 * W + w0 : -1;
+  c.index[1] = (h0_in && w1_in) ? h0 * W + w1 : -1;
+  c.index[2] = (h1_in && w0_in) ? h1 * W + w0 : -1;
+  c.index[3] = (h1_in && w1_in) ? h1 * W + w1 : -1;
+  c.weight[0] = hh * hw;
+  c.weight[1] = hh * c.lw;
+  c.weight[2] = c.lh * hw;
+  c.weight[3] = c.lh * c.lw;
+  return true;
+}
+
+// Derivatives of the sampled value with respect to the pixel coordinates h and w, given
+// the four corner values v[k] (zero for corners outside the map):
+//   d/dh = -(1 - lw) v0 - lw v1 + (1 - lw) v2 + lw v3
+//   d/dw = -(1 - lh) v0 + (1 - lh) v1 - lh v2 + lh v3
+template <typename acc_t>
+MSDA_HOST_DEVICE void bilinear_grad_hw(const BilinearCorners<acc_t>& c, const acc_t v[4],
+                                       acc_t& d_h, acc_t& d_w) {
+  const acc_t hh = acc_t(1) - c.lh;
+  const acc_t hw = acc_t(1) - c.lw;
+  d_h = hw * (v[2] - v[0]) + c.lw * (v[3] - v[1]);
+  d_w = hh * (v[1] - v[0]) + c.lh * (v[3] - v[2]);
+}
+
+}  // namespace deformable_detr

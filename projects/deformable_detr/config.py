@@ -1,0 +1,53 @@
+"""Config keys of Deformable DETR, added to a detectron2 (yacs) config."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_deformable_detr_config"]
+
+
+def add_deformable_detr_config(cfg: CN) -> CN:
+    """Add the ``MODEL.DEFORMABLE_DETR`` and solver keys with the published defaults."""
+    cfg.MODEL.DEFORMABLE_DETR = CN()
+    c = cfg.MODEL.DEFORMABLE_DETR
+    c.NUM_CLASSES = 80
+    c.IN_FEATURES = ["res3", "res4", "res5"]
+    c.NUM_FEATURE_LEVELS = 4
+    c.HIDDEN_DIM = 256
+    c.NHEADS = 8
+    c.ENC_LAYERS = 6
+    c.DEC_LAYERS = 6
+    c.DIM_FEEDFORWARD = 1024
+    c.DROPOUT = 0.1
+    c.ENC_N_POINTS = 4
+    c.DEC_N_POINTS = 4
+    c.NUM_QUERIES = 300
+    c.WITH_BOX_REFINE = False
+    c.TWO_STAGE = False
+    c.AUX_LOSS = True
+    c.CLS_WEIGHT = 2.0
+    c.BBOX_WEIGHT = 5.0
+    c.GIOU_WEIGHT = 2.0
+    c.COST_CLASS = 2.0
+    c.COST_BBOX = 5.0
+    c.COST_GIOU = 2.0
+    c.FOCAL_ALPHA = 0.25
+    # "auto": the compiled op where the extension has a kernel for the device, else PyTorch;
+    # "compiled": the compiled op or an error at build time; "pytorch": grid_sample path.
+    c.ATTN_IMPL = "auto"
+
+    # Optimizer: AdamW with three parameter groups (base lr; backbone lr x BACKBONE_MULTIPLIER;
+    # sampling_offsets / reference_points lr x LINEAR_PROJ_MULTIPLIER) and gradient clipping
+    # by the global norm over the whole model (detectron2 0.6 clips per parameter only).
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
+    cfg.SOLVER.LINEAR_PROJ_NAMES = ["sampling_offsets", "reference_points"]
+    cfg.SOLVER.FULL_MODEL_CLIP_NORM = 0.1  # <= 0 disables
+
+    # The published augmentation's crop branch: resize the short side to one of these, crop
+    # a random (h, w) in [CROP_SIZE_MIN, CROP_SIZE_MAX], then the usual multi-scale resize.
+    cfg.INPUT.DETR_CROP = CN()
+    cfg.INPUT.DETR_CROP.ENABLED = True
+    cfg.INPUT.DETR_CROP.RESIZE_SHORT = [400, 500, 600]
+    cfg.INPUT.DETR_CROP.CROP_SIZE_MIN = 384
+    cfg.INPUT.DETR_CROP.CROP_SIZE_MAX = 600
+    return cfg

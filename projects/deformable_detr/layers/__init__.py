@@ -1,0 +1,9 @@
+from .ms_deform_attn import ATTN_IMPLS, MSDeformAttn
+from .ms_deform_attn_op import (
+    check_inputs,
+    has_compiled_op,
+    ms_deform_attn,
+    ms_deform_attn_pytorch,
+)
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

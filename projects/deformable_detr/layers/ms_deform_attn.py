@@ -1,0 +1,146 @@
+"""The multi-scale deformable attention module (Zhu et al., 2021, Eq. 3)."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from torch.nn.init import constant_, xavier_uniform_
+
+from .ms_deform_attn_op import has_compiled_op, ms_deform_attn, ms_deform_attn_pytorch
+
+__all__ = ["MSDeformAttn", "ATTN_IMPLS"]
+
+logger = logging.getLogger(__name__)
+
+#: Values of ``attn_impl`` (``MODEL.DEFORMABLE_DETR.ATTN_IMPL``).
+ATTN_IMPLS = ("auto", "compiled", "pytorch")
+_warned_fallback = False
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention.
+
+    Each query predicts, per head, ``n_points`` sampling offsets on each of ``n_levels``
+    feature levels around its reference point, samples the value there bilinearly, and sums
+    the samples with attention weights normalised jointly over levels and points.
+
+    Args:
+        d_model: channels of queries and values.
+        n_levels: feature levels.
+        n_heads: attention heads; ``d_model`` must be divisible by it.
+        n_points: sampling points per head and level.
+        attn_impl: "compiled" (the C++/CUDA op; an error if missing), "pytorch" (the
+            grid_sample path, for export) or "auto" (compiled when the extension has a
+            kernel for the input's device, else PyTorch with a one-time warning).
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8,
+                 n_points: int = 4, attn_impl: str = "auto"):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        if attn_impl == "compiled" and not has_compiled_op():
+            raise RuntimeError(
+                "attn_impl='compiled' but the deformable_detr._C extension is not available; "
+                "build it with `pip install -e .` or use attn_impl='auto'/'pytorch'"
+            )
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.attn_impl = attn_impl
+
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        constant_(self.sampling_offsets.weight.data, 0.0)
+        # Head m starts looking in direction 2*pi*m/M, point p at distance p + 1 (in units of
+        # the level's pixels, after scaling the unit vector to touch the square's border).
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid_init = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid_init = (grid_init / grid_init.abs().max(-1, keepdim=True)[0]).view(
+            self.n_heads, 1, 1, 2
+        ).repeat(1, self.n_levels, self.n_points, 1)
+        for i in range(self.n_points):
+            grid_init[:, :, i, :] *= i + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias = nn.Parameter(grid_init.view(-1))
+        constant_(self.attention_weights.weight.data, 0.0)
+        constant_(self.attention_weights.bias.data, 0.0)
+        xavier_uniform_(self.value_proj.weight.data)
+        constant_(self.value_proj.bias.data, 0.0)
+        xavier_uniform_(self.output_proj.weight.data)
+        constant_(self.output_proj.bias.data, 0.0)
+
+    def _core(self, value):
+        global _warned_fallback
+        impl = self.attn_impl
+        if impl == "auto":
+            impl = "compiled" if has_compiled_op(value.device) else "pytorch"
+            if impl == "pytorch" and not _warned_fallback:
+                _warned_fallback = True
+                logger.warning(
+                    "deformable_detr._C has no kernel for %s: MSDeformAttn falls back to the "
+                    "(slow) PyTorch path", value.device.type,
+                )
+        return ms_deform_attn if impl == "compiled" else ms_deform_attn_pytorch
+
+    def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
+                input_level_start_index, input_padding_mask=None):
+        """
+        Args:
+            query: [N, Lq, C].
+            reference_points: [N, Lq, L, 2] normalised (x, y) in [0, 1] (top-left (0, 0),
+                bottom-right (1, 1), of the valid, unpadded region scaled by the valid
+                ratios), or [N, Lq, L, 4] boxes (cx, cy, w, h) in the same coordinates.
+            input_flatten: [N, S, C], the levels flattened row-major and concatenated.
+            input_spatial_shapes: int64 [L, 2], each level's (H, W).
+            input_level_start_index: int64 [L].
+            input_padding_mask: [N, S] bool, True at padded positions, or None.
+
+        Returns:
+            [N, Lq, C].
+        """
+        N, Lq, _ = query.shape
+        _, S, _ = input_flatten.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        if reference_points.shape[-1] not in (2, 4) or reference_points.shape[:3] != (N, Lq, L):
+            raise ValueError(
+                f"reference_points must be [N, Lq, L, 2 or 4] = [{N}, {Lq}, {L}, 2|4], got "
+                f"{list(reference_points.shape)}"
+            )
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(N, S, M, self.d_model // M)
+        sampling_offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        attention_weights = self.attention_weights(query).view(N, Lq, M, L * P)
+        attention_weights = attention_weights.softmax(-1).view(N, Lq, M, L, P)
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: x by its width, y by its height.
+            offset_normalizer = torch.stack(
+                [input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1
+            ).to(sampling_offsets.dtype)
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
+                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+            )
+        else:
+            # Offsets are fractions of the box's half size, spread over the P points.
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        output = self._core(value)(
+            value, input_spatial_shapes, input_level_start_index, sampling_locations,
+            attention_weights,
+        )
+        return self.output_proj(output)

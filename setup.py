@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Deformable DETR as a detectron2 project, with a compiled multi-scale deformable attention op.
+
+The extension ``deformable_detr._C`` always has the CPU kernels; it gets the CUDA kernels
+when CUDA is available or ``FORCE_CUDA=1`` (architectures from ``TORCH_CUDA_ARCH_LIST``),
+which works on a machine with the CUDA toolkit and no GPU.
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_home():
+    """CUDA_HOME as torch guessed it, unless nvcc's folder is not the toolkit root.
+
+    torch guesses the toolkit from where ``nvcc`` sits on PATH; a launcher script there
+    (as in /usr/local/bin) makes that guess wrong and the link fails with
+    "cannot find -lcudart". The toolkit root is the folder whose bin/ holds nvcc and whose
+    lib/ or lib64/ holds libcudart.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), CUDA_HOME,
+                  "/usr/local/cuda"]
+    for c in candidates:
+        if c and os.path.exists(os.path.join(c, "bin", "nvcc")) and any(
+            glob.glob(os.path.join(c, lib, "libcudart.so*")) for lib in ("lib", "lib64")
+        ):
+            return c
+    return None
+
+
+def get_extensions():
+    sources = [os.path.join("csrc", "ms_deform_attn_op.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    define_macros = [("DEFORMABLE_DETR_TORCH_VERSION", f'"{torch.__version__}"')]
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+    extension = CppExtension
+    with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
+        torch.cuda.is_available() and CUDA_HOME is not None
+    )
+    if with_cuda:
+        cuda_home = _cuda_home()
+        if cuda_home is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit (bin/nvcc and lib/libcudart) "
+                               "was found; set CUDA_HOME to the toolkit root")
+        os.environ["CUDA_HOME"] = cuda_home
+        import torch.utils.cpp_extension as cpp_ext
+
+        cpp_ext.CUDA_HOME = cuda_home
+        extension = CUDAExtension
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        define_macros += [("WITH_CUDA", None), ("DEFORMABLE_DETR_CUDA_ARCHS", f'"{archs}"')]
+        extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+    return [
+        extension(
+            "deformable_detr._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+setup(
+    name="deformable_detr",
+    version="0.1.0",
+    description="Deformable DETR for detectron2 with a compiled multi-scale deformable attention",
+    packages=["deformable_detr"]
+    + ["deformable_detr." + p for p in find_packages(os.path.join("projects", "deformable_detr"))],
+    package_dir={"deformable_detr": "projects/deformable_detr"},
+    python_requires=">=3.9",
+    install_requires=["torch", "torchvision", "fvcore", "pycocotools", "scipy"],
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
