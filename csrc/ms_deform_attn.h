@@ -13,6 +13,8 @@
 
 #include <ATen/ATen.h>
 
+#include "ms_deform_attn_sampling.h"
+
 #include <tuple>
 
 namespace deformable_detr {
@@ -32,10 +34,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 // dtype (float32 for half inputs). The friendlier checks live in the Python wrapper.
 struct MSDeformAttnArgs {
   at::Tensor value, spatial_shapes, level_start_index, sampling_loc, attn_weight;
-  int64_t N, S, M, D, Lq, L, P;
+  Sizes sizes;
+  // Whether there is any work: no queries, batch or values means an all-zero result.
+  bool empty() const;
 };
 MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                 const at::Tensor& level_start_index,
                                 const at::Tensor& sampling_loc, const at::Tensor& attn_weight);
+
+// Zero-filled outputs of the forward: [N, Lq, M * D] in the value dtype.
+at::Tensor forward_output(const MSDeformAttnArgs& a);
+
+// The backward's buffers: grad_output made contiguous in the value dtype, and zero-filled
+// gradients in the accumulation dtype (float32 for half inputs) that the kernels sum into.
+struct BackwardBuffers {
+  at::Tensor grad_output, grad_value, grad_loc, grad_attn;
+};
+BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& grad_output);
+
+// The gradients cast back to the dtypes of value, sampling_loc and attn_weight as given.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const BackwardBuffers& b, const at::Tensor& value, const at::Tensor& sampling_loc,
+    const at::Tensor& attn_weight);
 
 }  // namespace deformable_detr

@@ -21,23 +21,24 @@ MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spati
   TORCH_CHECK_VALUE(attn_weight.dim() == 5, "attention_weights must be [N, Lq, M, L, P], got ",
                     attn_weight.sizes());
   MSDeformAttnArgs a;
-  a.N = value.size(0);
-  a.S = value.size(1);
-  a.M = value.size(2);
-  a.D = value.size(3);
-  a.Lq = sampling_loc.size(1);
-  a.L = sampling_loc.size(3);
-  a.P = sampling_loc.size(4);
-  TORCH_CHECK_VALUE(sampling_loc.size(0) == a.N && sampling_loc.size(2) == a.M,
+  Sizes& z = a.sizes;
+  z.N = value.size(0);
+  z.S = value.size(1);
+  z.M = value.size(2);
+  z.D = value.size(3);
+  z.Lq = sampling_loc.size(1);
+  z.L = sampling_loc.size(3);
+  z.P = sampling_loc.size(4);
+  TORCH_CHECK_VALUE(sampling_loc.size(0) == z.N && sampling_loc.size(2) == z.M,
                     "sampling_locations ", sampling_loc.sizes(), " disagree with value ",
                     value.sizes(), " in N or M");
   TORCH_CHECK_VALUE(attn_weight.sizes() == sampling_loc.sizes().slice(0, 5),
                     "attention_weights ", attn_weight.sizes(),
                     " must match sampling_locations[..., 0] ", sampling_loc.sizes());
-  TORCH_CHECK_VALUE(spatial_shapes.size(0) == a.L && level_start_index.dim() == 1 &&
-                        level_start_index.size(0) == a.L,
+  TORCH_CHECK_VALUE(spatial_shapes.size(0) == z.L && level_start_index.dim() == 1 &&
+                        level_start_index.size(0) == z.L,
                     "spatial_shapes ", spatial_shapes.sizes(), " and level_start_index ",
-                    level_start_index.sizes(), " must have L = ", a.L, " levels");
+                    level_start_index.sizes(), " must have L = ", z.L, " levels");
   TORCH_CHECK_TYPE(spatial_shapes.scalar_type() == at::kLong &&
                        level_start_index.scalar_type() == at::kLong,
                    "spatial_shapes and level_start_index must be int64");
@@ -62,6 +63,39 @@ MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spati
   a.sampling_loc = sampling_loc.to(reduced ? at::kFloat : dtype).contiguous();
   a.attn_weight = attn_weight.contiguous();
   return a;
+}
+
+bool MSDeformAttnArgs::empty() const {
+  return sizes.N == 0 || sizes.Lq == 0 || sizes.S == 0 || sizes.M == 0 || sizes.D == 0 ||
+         sizes.L == 0 || sizes.P == 0;
+}
+
+at::Tensor forward_output(const MSDeformAttnArgs& a) {
+  const Sizes& z = a.sizes;
+  return at::zeros({z.N, z.Lq, z.M * z.D}, a.value.options());
+}
+
+BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& grad_output) {
+  const Sizes& z = a.sizes;
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({z.N, z.Lq, z.M * z.D}),
+                    "grad_output must be [N, Lq, M*D] = [", z.N, ", ", z.Lq, ", ", z.M * z.D,
+                    "], got ", grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.device() == a.value.device(), "grad_output must be on ",
+                    a.value.device(), ", got ", grad_output.device());
+  const auto acc = a.sampling_loc.scalar_type();
+  BackwardBuffers b;
+  b.grad_output = grad_output.to(a.value.scalar_type()).contiguous();
+  b.grad_value = at::zeros(a.value.sizes(), a.value.options().dtype(acc));
+  b.grad_loc = at::zeros(a.sampling_loc.sizes(), a.sampling_loc.options());
+  b.grad_attn = at::zeros(a.attn_weight.sizes(), a.attn_weight.options().dtype(acc));
+  return b;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const BackwardBuffers& b, const at::Tensor& value, const at::Tensor& sampling_loc,
+    const at::Tensor& attn_weight) {
+  return {b.grad_value.to(value.scalar_type()), b.grad_loc.to(sampling_loc.scalar_type()),
+          b.grad_attn.to(attn_weight.scalar_type())};
 }
 
 }  // namespace deformable_detr

@@ -19,6 +19,12 @@
 
 namespace deformable_detr {
 
+// Problem sizes: N batch, S value positions, M heads, D channels per head, Lq queries,
+// L levels, P points per level.
+struct Sizes {
+  int64_t N, S, M, D, Lq, L, P;
+};
+
 // The four corners of one bilinear sample: flat spatial indices into a level (row-major
 // h * W + w, -1 where the corner is outside the map) and their interpolation weights.
 template <typename acc_t>

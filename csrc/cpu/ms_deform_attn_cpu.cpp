@@ -17,10 +17,6 @@
 namespace deformable_detr {
 namespace {
 
-struct Sizes {
-  int64_t N, S, M, D, Lq, L, P;
-};
-
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                     const acc_t* loc, const scalar_t* attn, scalar_t* out, Sizes z) {
@@ -115,24 +111,23 @@ void backward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t
   });
 }
 
-Sizes sizes_of(const MSDeformAttnArgs& a) { return {a.N, a.S, a.M, a.D, a.Lq, a.L, a.P}; }
-
 }  // namespace
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_loc,
                                       const at::Tensor& attn_weight) {
-  auto a = prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
-  auto out = at::zeros({a.N, a.Lq, a.M * a.D}, value.options());
-  if (out.numel() == 0 || a.S == 0) return out;
+  const auto a =
+      prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
+  auto out = forward_output(a);
+  if (a.empty()) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         forward_kernel<scalar_t, acc_t>(
             a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
             a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
-            a.attn_weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), sizes_of(a));
+            a.attn_weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), a.sizes);
       });
   return out;
 }
@@ -141,28 +136,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
     const at::Tensor& attn_weight, const at::Tensor& grad_output) {
-  auto a = prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({a.N, a.Lq, a.M * a.D}),
-                    "grad_output must be [N, Lq, M*D], got ", grad_output.sizes());
-  const auto grad_out = grad_output.to(value.scalar_type()).contiguous();
-  const auto acc_dtype = a.sampling_loc.scalar_type();
-  auto grad_value = at::zeros(a.value.sizes(), a.value.options().dtype(acc_dtype));
-  auto grad_loc = at::zeros(a.sampling_loc.sizes(), a.sampling_loc.options());
-  auto grad_attn = at::zeros(a.attn_weight.sizes(), a.attn_weight.options().dtype(acc_dtype));
-  if (grad_out.numel() > 0 && a.S > 0) {
+  const auto a =
+      prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
+  auto b = backward_buffers(a, grad_output);
+  if (!a.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           backward_kernel<scalar_t, acc_t>(
               a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
               a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
-              a.attn_weight.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-              grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(),
-              grad_attn.data_ptr<acc_t>(), sizes_of(a));
+              a.attn_weight.data_ptr<scalar_t>(), b.grad_output.data_ptr<scalar_t>(),
+              b.grad_value.data_ptr<acc_t>(), b.grad_loc.data_ptr<acc_t>(),
+              b.grad_attn.data_ptr<acc_t>(), a.sizes);
         });
   }
-  return {grad_value.to(value.scalar_type()), grad_loc.to(sampling_loc.scalar_type()),
-          grad_attn.to(attn_weight.scalar_type())};
+  return backward_result(b, value, sampling_loc, attn_weight);
 }
 
 }  // namespace deformable_detr
