@@ -52,7 +52,7 @@ def assert_matches_reference(inputs, rtol, atol):
     ref = run(ms_deform_attn_pytorch, inputs, grad_out)
     for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"), ours, ref):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 LEVELS = [

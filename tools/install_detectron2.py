@@ -135,7 +135,8 @@ def main() -> int:
         (root,) = (tmp / "src").iterdir()
         patch_source(root)
         pip("install", "-q", "--no-deps", "--no-build-isolation", str(root))
-    print("installed detectron2 0.6 (pb1-detectron2 sdist, patched: see tools/install_detectron2.py)")
+    print("installed detectron2 0.6 (pb1-detectron2 sdist, patched as tools/install_detectron2.py "
+          "describes)")
     return 0
 
 

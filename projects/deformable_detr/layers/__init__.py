@@ -6,4 +6,11 @@ from .ms_deform_attn_op import (
     ms_deform_attn_pytorch,
 )
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "ATTN_IMPLS",
+    "MSDeformAttn",
+    "check_inputs",
+    "has_compiled_op",
+    "ms_deform_attn",
+    "ms_deform_attn_pytorch",
+]
