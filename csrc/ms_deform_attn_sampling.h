@@ -8,7 +8,6 @@
 // floor, not a cast to int, because h and w can lie in (-1, 0).
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -46,10 +45,13 @@ MSDA_HOST_DEVICE bool bilinear_corners(acc_t x, acc_t y, int64_t H, int64_t W,
         w < static_cast<acc_t>(W))) {
     return false;
   }
-  const acc_t h0f = floor(h);
-  const acc_t w0f = floor(w);
-  const int64_t h0 = static_cast<int64_t>(h0f);
-  const int64_t w0 = static_cast<int64_t>(w0f);
+  // floor(h) for h > -1, without a libm call: truncation, one lower for negative fractions.
+  int64_t h0 = static_cast<int64_t>(h);
+  int64_t w0 = static_cast<int64_t>(w);
+  h0 -= static_cast<acc_t>(h0) > h;
+  w0 -= static_cast<acc_t>(w0) > w;
+  const acc_t h0f = static_cast<acc_t>(h0);
+  const acc_t w0f = static_cast<acc_t>(w0);
   const int64_t h1 = h0 + 1;
   const int64_t w1 = w0 + 1;
   c.lh = h - h0f;
