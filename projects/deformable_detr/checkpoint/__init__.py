@@ -1,0 +1,41 @@
+"""Converting released Deformable DETR weights (official and Hugging Face) to detectron2."""
+from .coco_classes import coco_contiguous_ids
+from .convert import (
+    FORMATS,
+    ConversionResult,
+    convert_checkpoint,
+    convert_state_dict,
+    load_source,
+    save_detectron2_checkpoint,
+)
+from .huggingface import huggingface_to_official
+from .official import (
+    detectron2_to_official,
+    infer_official_hparams,
+    official_key_names,
+    official_to_detectron2,
+)
+from .safe_load import CheckpointError, load_safetensors_file, load_torch_file
+from .variants import VARIANTS, ModelHParams, Variant, select_variant
+
+__all__ = [
+    "FORMATS",
+    "VARIANTS",
+    "CheckpointError",
+    "ConversionResult",
+    "ModelHParams",
+    "Variant",
+    "coco_contiguous_ids",
+    "convert_checkpoint",
+    "convert_state_dict",
+    "detectron2_to_official",
+    "huggingface_to_official",
+    "infer_official_hparams",
+    "load_safetensors_file",
+    "load_source",
+    "load_torch_file",
+    "official_key_names",
+    "official_to_detectron2",
+    "save_detectron2_checkpoint",
+    "select_variant",
+]
