@@ -1,0 +1,129 @@
+"""Optimizer of the released Deformable DETR models: AdamW with three learning rates and
+gradient clipping by the global norm over the whole model."""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Dict, List, Sequence, Type
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+__all__ = [
+    "build_optimizer",
+    "get_param_groups",
+    "maybe_add_full_model_gradient_clipping",
+    "OPTIMIZERS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Values of ``SOLVER.OPTIMIZER``. The released models use AdamW.
+OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {"ADAMW": torch.optim.AdamW}
+
+
+def get_param_groups(
+    model: torch.nn.Module,
+    *,
+    base_lr: float,
+    backbone_multiplier: float,
+    linear_proj_multiplier: float,
+    linear_proj_names: Sequence[str],
+    backbone_prefix: str = "backbone.",
+) -> List[Dict[str, Any]]:
+    """Split the trainable parameters into the reference's three groups.
+
+    - parameters whose name starts with ``backbone_prefix``: ``base_lr * backbone_multiplier``;
+    - names containing any of ``linear_proj_names`` (the deformable attention's
+      ``sampling_offsets`` and the decoder's ``reference_points``):
+      ``base_lr * linear_proj_multiplier``;
+    - everything else: ``base_lr``.
+
+    Frozen parameters (``requires_grad=False``) are left out; a parameter shared by several
+    modules appears once. Empty groups are dropped. Each group has a ``"name"`` for logs.
+    """
+    groups = {
+        "backbone": {"params": [], "lr": base_lr * backbone_multiplier, "name": "backbone"},
+        "linear_proj": {
+            "params": [], "lr": base_lr * linear_proj_multiplier, "name": "linear_proj"
+        },
+        "base": {"params": [], "lr": base_lr, "name": "base"},
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith(backbone_prefix):
+            key = "backbone"
+        elif any(k in name for k in linear_proj_names):
+            key = "linear_proj"
+        else:
+            key = "base"
+        groups[key]["params"].append(param)
+    return [g for g in groups.values() if g["params"]]
+
+
+def maybe_add_full_model_gradient_clipping(
+    optimizer_type: Type[torch.optim.Optimizer], clip_norm: float
+) -> Type[torch.optim.Optimizer]:
+    """Return a subclass of ``optimizer_type`` whose ``step()`` first clips all gradients of
+    the optimizer's parameters together to a global L2 norm of at most ``clip_norm``
+    (``torch.nn.utils.clip_grad_norm_``, as the reference does over ``model.parameters()``);
+    ``optimizer_type`` itself when ``clip_norm <= 0``.
+
+    detectron2's ``SOLVER.CLIP_GRADIENTS`` clips each parameter on its own, which is a
+    different rule.
+
+    Mixed precision: ``GradScaler.step(optimizer)`` (used by detectron2's ``AMPTrainer``)
+    unscales the gradients before it calls ``optimizer.step()``, and skips the call when
+    they hold inf/nan, so the clipping here always sees true, finite gradients. This holds
+    for optimizers that do not set ``_step_supports_amp_scaling`` (fused AdamW does; do not
+    use it with this wrapper).
+    """
+    if clip_norm <= 0:
+        return optimizer_type
+
+    def step(self, closure=None):
+        params = itertools.chain(*[g["params"] for g in self.param_groups])
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        return super(cls, self).step(closure=closure)
+
+    cls = type(optimizer_type.__name__ + "WithFullModelGradientClip", (optimizer_type,),
+               {"step": step})
+    return cls
+
+
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Build the optimizer from ``SOLVER.*``: ``SOLVER.OPTIMIZER`` (see :data:`OPTIMIZERS`)
+    with ``BASE_LR`` and ``WEIGHT_DECAY`` on every parameter group, the groups of
+    :func:`get_param_groups` (``BACKBONE_MULTIPLIER``, ``LINEAR_PROJ_MULTIPLIER``,
+    ``LINEAR_PROJ_NAMES``), and global-norm clipping at ``FULL_MODEL_CLIP_NORM``.
+
+    Works with detectron2's ``build_lr_scheduler``, which scales each group's own lr.
+    """
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} is not supported; "
+                         f"choose one of {sorted(OPTIMIZERS)}")
+    if cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.FULL_MODEL_CLIP_NORM > 0:
+        raise ValueError("SOLVER.CLIP_GRADIENTS (per-parameter clipping) and "
+                         "SOLVER.FULL_MODEL_CLIP_NORM (global clipping) are both enabled; "
+                         "set SOLVER.FULL_MODEL_CLIP_NORM to 0 to use the former")
+    groups = get_param_groups(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        backbone_multiplier=cfg.SOLVER.BACKBONE_MULTIPLIER,
+        linear_proj_multiplier=cfg.SOLVER.LINEAR_PROJ_MULTIPLIER,
+        linear_proj_names=cfg.SOLVER.LINEAR_PROJ_NAMES,
+    )
+    if not groups:
+        raise ValueError("The model has no trainable parameters")
+    for g in groups:
+        logger.info(f"Optimizer group {g['name']}: {len(g['params'])} tensors, "
+                    f"{sum(p.numel() for p in g['params'])} parameters, lr {g['lr']:g}")
+    optimizer_type = maybe_add_full_model_gradient_clipping(
+        OPTIMIZERS[name], cfg.SOLVER.FULL_MODEL_CLIP_NORM
+    )
+    # detectron2's per-parameter clipping, only when asked for instead of the global one.
+    optimizer_type = maybe_add_gradient_clipping(cfg, optimizer_type)
+    return optimizer_type(groups, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)

@@ -1,0 +1,345 @@
+"""train_net.py end to end on a tiny COCO-layout dataset: training, 2-process gloo training,
+kill and resume, --eval-only; plus the trainer's checks and the safe checkpointer."""
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+from detectron2.modeling import build_model
+from PIL import Image
+
+from deformable_detr import add_deformable_detr_config
+from deformable_detr.checkpoint import CheckpointError, load_torch_file
+from deformable_detr.data import DeformableDetrDatasetMapper
+from deformable_detr.engine import SafeDetectionCheckpointer, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/deformable_detr_R_50_50ep.yaml"
+# The released config, shrunk: R-18 (frozen, for speed), 32 channels, 1+2 layers, 10 queries,
+# ~64 px images, the crop branch kept.
+TINY = [
+    "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "",
+    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.BACKBONE.FREEZE_AT", "5",
+    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "32", "MODEL.DEFORMABLE_DETR.NHEADS", "2",
+    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
+    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "10",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.DETR_CROP.RESIZE_SHORT", "[64]", "INPUT.DETR_CROP.CROP_SIZE_MIN", "32",
+    "INPUT.DETR_CROP.CROP_SIZE_MAX", "48", "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.STEPS", "()", "TEST.EVAL_PERIOD", "0",
+]
+
+
+# ------------------------------------------------------------------------------ dataset
+
+
+def write_coco_split(root, split, num_images, seed, categories):
+    """Random-noise images with bright rectangles; image 0 has no objects, image 1 a crowd
+    box too. COCO json with the given categories."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, f"{split}2017"), exist_ok=True)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    images, annos = [], []
+    for i in range(num_images):
+        h, w = int(rng.integers(40, 64)), int(rng.integers(40, 64))
+        arr = (rng.random((h, w, 3)) * 60).astype(np.uint8)
+        for k in range(0 if i == 0 else 2):
+            x0, y0 = int(rng.integers(0, w - 16)), int(rng.integers(0, h - 16))
+            bw, bh = int(rng.integers(8, w - x0)), int(rng.integers(8, h - y0))
+            arr[y0:y0 + bh, x0:x0 + bw] = 200 if k == 0 else 120
+            annos.append({"id": len(annos) + 1, "image_id": i + 1, "bbox": [x0, y0, bw, bh],
+                          "category_id": categories[k % len(categories)]["id"],
+                          "area": bw * bh, "iscrowd": int(i == 1 and k == 1)})
+        name = f"{i:06d}.jpg"
+        Image.fromarray(arr).save(os.path.join(root, f"{split}2017", name))
+        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+    path = os.path.join(root, "annotations", f"instances_{split}2017.json")
+    with open(path, "w") as f:
+        json.dump({"info": {}, "licenses": [], "images": images, "annotations": annos,
+                   "categories": categories}, f)
+    return path, os.path.join(root, f"{split}2017")
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    """$DETECTRON2_DATASETS with coco/{train,val}2017 and coco/annotations: detectron2's
+    builtin coco_2017_train / coco_2017_val (80 classes) find it there."""
+    root = tmp_path_factory.mktemp("datasets")
+    cats = [{"id": c["id"], "name": c["name"], "supercategory": ""}
+            for c in COCO_CATEGORIES if c["isthing"]]
+    write_coco_split(str(root / "coco"), "train", 6, 0, cats)
+    write_coco_split(str(root / "coco"), "val", 3, 1, cats)
+    return str(root)
+
+
+def train_net(args, datasets_root, **popen_kwargs):
+    env = dict(os.environ, DETECTRON2_DATASETS=datasets_root, OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+
+
+def finish(proc, timeout=300):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"train_net did not finish in {timeout} s:\n{out[-5000:]}")
+    return proc.returncode, out
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def assert_finite_losses(records):
+    losses = [r for r in records if "total_loss" in r]
+    assert losses, "no training metrics were written"
+    for r in losses:
+        for k, v in r.items():
+            if k.startswith("loss_") or k == "total_loss":
+                assert math.isfinite(v), (k, r)
+
+
+# ------------------------------------------------------------------------ train_net runs
+
+
+def test_kill_and_resume(tmp_path, datasets_root):
+    """A run killed (SIGKILL) after a checkpoint continues from it with --resume and
+    finishes; the losses are finite."""
+    out = str(tmp_path / "run")
+    args = ["--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "60",
+            "SOLVER.CHECKPOINT_PERIOD", "4", "DATASETS.TEST", "()", "OUTPUT_DIR", out]
+    proc = train_net(args, datasets_root)
+    last = os.path.join(out, "last_checkpoint")
+    deadline = time.time() + 300
+    ckpt = ""
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(last):
+            with open(last) as f:
+                ckpt = f.read().strip()
+            if ckpt:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "train_net ended before it could be killed:\n" + finish(proc)[1]
+    proc.send_signal(signal.SIGKILL)
+    _, log1 = finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert ckpt.startswith("model_") and not os.path.exists(os.path.join(out, "model_final.pth"))
+    k = int(ckpt[len("model_"):-len(".pth")])
+    state = load_torch_file(os.path.join(out, ckpt))
+    # Everything a run needs to continue: iteration, lr schedule and the AdamW moments.
+    trainer_state = state["trainer"]
+    assert state["iteration"] == trainer_state["iteration"] == k
+    assert trainer_state["hooks"]["LRScheduler"]["last_epoch"] == k + 1
+    assert len(trainer_state["_trainer"]["optimizer"]["state"]) > 0
+    n_before = len(metrics(out)) if os.path.exists(os.path.join(out, "metrics.json")) else 0
+
+    rc, log2 = finish(train_net([*args[:2], "--resume", *args[2:]], datasets_root))
+    assert rc == 0, log2[-5000:]
+    assert f"Loading from {os.path.join(out, ckpt)}" in log2 or os.path.join(out, ckpt) in log2
+    assert f"Starting training from iteration {k + 1}" in log2, log2[-3000:]
+    assert os.path.exists(os.path.join(out, "model_final.pth"))
+    resumed = [r for r in metrics(out)[n_before:] if "iteration" in r]
+    assert resumed and min(r["iteration"] for r in resumed) > k
+    assert max(r["iteration"] for r in resumed) == 59
+    assert_finite_losses(resumed)
+
+
+def test_two_process_gloo_training(tmp_path, datasets_root):
+    out = str(tmp_path / "ddp")
+    rc, log = finish(train_net(
+        ["--num-gpus", "2", "--dist-url", "auto", "--config-file", CONFIG, *TINY,
+         "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", "()",
+         "OUTPUT_DIR", out], datasets_root))
+    assert rc == 0, log[-5000:]
+    assert "World size: 2" in log, log[-5000:]
+    assert os.path.exists(os.path.join(out, "model_final.pth")), log[-5000:]
+    assert_finite_losses(metrics(out))
+
+
+def test_eval_only_uses_model_weights(tmp_path, datasets_root, monkeypatch):
+    """--eval-only with MODEL.WEIGHTS: the detections written by COCOEvaluator are those of
+    the saved model (random weights never match them)."""
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, CONFIG))
+    cfg.merge_from_list(TINY)
+    torch.manual_seed(123)
+    model = build_model(cfg).eval()
+    weights = str(tmp_path / "weights.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    out = str(tmp_path / "eval")
+    rc, log = finish(train_net(["--eval-only", "--config-file", CONFIG, *TINY,
+                                "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out], datasets_root))
+    assert rc == 0, log[-5000:]
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    with open(os.path.join(out, "inference", "coco_instances_results.json")) as f:
+        results = json.load(f)
+
+    # Expected: the same model in this process, on the mapped val images.
+    val_json = os.path.join(datasets_root, "coco", "annotations", "instances_val2017.json")
+    with open(val_json) as f:
+        images = json.load(f)["images"]
+    cat_ids = [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
+    mapper = DeformableDetrDatasetMapper(cfg, is_train=False)
+    for img in images:
+        d = mapper({"file_name": os.path.join(datasets_root, "coco", "val2017",
+                                              img["file_name"]),
+                    "height": img["height"], "width": img["width"], "image_id": img["id"]})
+        with torch.no_grad():
+            inst = model([d])[0]["instances"]
+        got = sorted((r for r in results if r["image_id"] == img["id"]),
+                     key=lambda r: -r["score"])
+        assert len(got) == len(inst) == 100
+        np.testing.assert_allclose([r["score"] for r in got],
+                                   inst.scores.sort(descending=True).values.numpy(), atol=1e-5)
+        for i in range(10):
+            x0, y0, x1, y1 = inst.pred_boxes.tensor[i].tolist()
+            cid = cat_ids[int(inst.pred_classes[i])]
+            score = float(inst.scores[i])
+            assert any(r["category_id"] == cid and abs(r["score"] - score) < 1e-5
+                       and np.allclose(r["bbox"], [x0, y0, x1 - x0, y1 - y0], atol=1e-3)
+                       for r in got), (img["id"], i)
+
+
+# ----------------------------------------------------------------------- trainer checks
+
+
+@pytest.fixture
+def three_class_dataset(tmp_path):
+    cats = [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate("abc")]
+    json_file, image_root = write_coco_split(str(tmp_path), "train", 3, 0, cats)
+    name = "test_training_three_classes"
+    register_coco_instances(name, {}, json_file, image_root)
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def tiny_cfg(tmp_path, dataset, opts=()):
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, CONFIG))
+    cfg.merge_from_list(TINY + ["DATASETS.TRAIN", (dataset,), "DATASETS.TEST", (dataset,),
+                                "OUTPUT_DIR", str(tmp_path / "out"), *opts])
+    return cfg
+
+
+def test_num_classes_mismatch_is_reported(tmp_path, three_class_dataset):
+    cfg = tiny_cfg(tmp_path, three_class_dataset, ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "5"])
+    with pytest.raises(ValueError, match=r"NUM_CLASSES is 5 .*'test_training_three_classes' "
+                                         r"has 3 classes"):
+        Trainer(cfg)
+    with pytest.raises(ValueError, match="has 3 classes"):
+        Trainer.build_test_loader(cfg, three_class_dataset)
+
+
+def test_trainer_steps_in_process(tmp_path, three_class_dataset):
+    """The trainer's pieces together: our optimizer and groups, finite losses, lr schedule."""
+    cfg = tiny_cfg(tmp_path, three_class_dataset,
+                   ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "3", "MODEL.BACKBONE.FREEZE_AT", "4",
+                    "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100",
+                    "DATASETS.TEST", ()])
+    trainer = Trainer(cfg)
+    opt = trainer.optimizer
+    assert {g["name"] for g in opt.param_groups} == {"backbone", "linear_proj", "base"}
+    assert type(opt).__name__ == "AdamWWithFullModelGradientClip"
+    trainer.train()
+    assert trainer.iter == cfg.SOLVER.MAX_ITER  # the iteration after the last one
+    losses = trainer.storage.latest()
+    assert math.isfinite(losses["total_loss"][0])
+
+    # A resumed trainer gets the optimizer state (AdamW moments), the lr schedule and the
+    # iteration back from the last checkpoint (model_final.pth).
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == cfg.SOLVER.MAX_ITER
+    assert resumed.scheduler.last_epoch == trainer.scheduler.last_epoch
+    a, b = trainer.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert a["state"].keys() == b["state"].keys() and len(a["state"]) > 0
+    for i, st in a["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(b["state"][i][key], st[key], rtol=0, atol=0)
+
+
+def test_amp_needs_cuda(tmp_path, three_class_dataset):
+    cfg = tiny_cfg(tmp_path, three_class_dataset,
+                   ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "3", "SOLVER.AMP.ENABLED", "True"])
+    with pytest.raises(ValueError, match="AMP"):
+        Trainer(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_training_on_cuda(tmp_path, three_class_dataset):
+    cfg = tiny_cfg(tmp_path, three_class_dataset,
+                   ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "3", "MODEL.DEVICE", "cuda",
+                    "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "3",
+                    "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", ()])
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert math.isfinite(trainer.storage.latest()["total_loss"][0])
+
+
+# ------------------------------------------------------------------------- checkpointer
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpointer_refuses_pickled_code(tmp_path):
+    marker = tmp_path / "ran"
+    model = torch.nn.Linear(2, 2)
+    ckpt = SafeDetectionCheckpointer(model)
+    for name in ("evil.pkl", "evil.pth"):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            if name.endswith(".pkl"):
+                pickle.dump({"model": {"weight": Evil(marker)}, "__author__": "x"}, f)
+            else:
+                torch.save({"model": {"weight": Evil(marker)}}, f)
+        with pytest.raises(CheckpointError, match="refused"):
+            ckpt.load(str(path))
+        assert not marker.exists()
+
+
+def test_checkpointer_reads_model_zoo_pickles_and_reports_bad_files(tmp_path):
+    src = torch.nn.Linear(3, 2)
+    path = tmp_path / "weights.pkl"
+    with open(path, "wb") as f:  # detectron2 model-zoo format: numpy arrays
+        pickle.dump({"model": {k: v.detach().numpy() for k, v in src.state_dict().items()},
+                     "__author__": "test"}, f)
+    dst = torch.nn.Linear(3, 2)
+    SafeDetectionCheckpointer(dst).load(str(path))
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(dst.state_dict()[k], v, rtol=0, atol=0)
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        SafeDetectionCheckpointer(dst).load(str(bad))
+    bad_pkl = tmp_path / "bad.pkl"
+    bad_pkl.write_bytes(pickle.dumps({"model": {}})[:-3])
+    with pytest.raises(CheckpointError, match="bad.pkl"):
+        SafeDetectionCheckpointer(dst).load(str(bad_pkl))
