@@ -4,7 +4,7 @@ Each image (128..160 px a side by default) has a textured background (smooth noi
 gradients, stripes or a checkerboard) and 3..8 filled shapes. The six classes are
 combinations of a kind (circle, square, triangle) and a colour family (red, green, blue):
 neither the colour nor the kind alone identifies a class. Objects vary in size from 6 to
-60 px (log-uniform, so about a third are COCO "small"), aspect ratio, rotation and shading,
+60 px (uniform, a fifth of them under 16 px), aspect ratio, rotation and shading,
 and may overlap: each annotation is the full box of the shape, also where another shape
 covers part of it (as COCO annotates occluded objects), and shapes whose visible part is
 below ``MIN_VISIBLE_FRACTION`` are drawn but not annotated.
@@ -170,7 +170,7 @@ def render_shapes_image(rng: np.random.Generator, *, min_image_size: int = 128,
     num_objects = int(rng.integers(min_objects, max_objects + 1))
     for i in range(num_objects):
         cat = SHAPES_CATEGORIES[rng.integers(len(SHAPES_CATEGORIES))]
-        size = float(np.exp(rng.uniform(np.log(min_object_size), np.log(max_object_size))))
+        size = float(rng.uniform(min_object_size, max_object_size))
         radius = size / 2
         cx, cy = rng.uniform(radius, w - radius), rng.uniform(radius, h - radius)
         (x0, y0, x1, y1), cov = _render_object(rng, cat["kind"], cx, cy, radius, h, w)

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""The CPU demo: train a small Deformable DETR from scratch on the built-in shapes dataset,
+evaluate it with COCO AP, and draw its detections and attention.
+
+Steps (all on the CPU, about 10 minutes on 2 cores):
+
+1. generate the synthetic dataset under ``$DETECTRON2_DATASETS/shapes`` (default
+   ``./datasets/shapes``) unless it is already there;
+2. train ``configs/demo/deformable_detr_shapes.yaml`` with ``train_net.py``'s trainer
+   (detectron2's ``DefaultTrainer``: progress with ETA, metrics.json, TensorBoard events),
+   then evaluate on ``shapes_val`` with ``COCOEvaluator`` (AP table in the log);
+3. draw detections on val images (``tools/demo.py``) and attention sampling points
+   (``tools/visualize_attention.py``) into ``OUTPUT/detections`` and ``OUTPUT/attention``.
+
+Usage::
+
+    python tools/run_demo.py                       # everything, into output/demo
+    python tools/run_demo.py --output /tmp/demo SOLVER.MAX_ITER 100   # config overrides
+
+Exits with status 1 if the final AP is below ``--min-ap``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Dict, Optional, Sequence
+
+import torch
+
+TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TOOLS_DIR)
+sys.path.insert(0, TOOLS_DIR)
+sys.path.insert(0, REPO_ROOT)
+
+import demo as demo_tool  # noqa: E402  (tools/demo.py)
+import visualize_attention  # noqa: E402  (tools/visualize_attention.py)
+
+import train_net  # noqa: E402  (the repository's train_net.py)
+from deformable_detr.data import ensure_shapes_dataset, register_shapes_dataset  # noqa: E402
+from deformable_detr.data.shapes_dataset import default_shapes_root  # noqa: E402
+
+logger = logging.getLogger("deformable_detr.run_demo")
+
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE")
+    p.add_argument("--output", default="output/demo", help="OUTPUT_DIR of the run")
+    p.add_argument("--num-train", type=int, default=2000, help="training images to generate")
+    p.add_argument("--num-val", type=int, default=200, help="validation images to generate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: all cores, torch's default)")
+    p.add_argument("--num-pictures", type=int, default=8,
+                   help="val images to draw detections on (attention: a quarter of them)")
+    p.add_argument("--min-ap", type=float, default=50.0,
+                   help="exit with status 1 if the final bbox AP is below this")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE overrides")
+    return p
+
+
+def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str]) -> Dict:
+    """Run ``train_net.py``'s main() in this process (training, then the evaluation that
+    detectron2's ``EvalHook`` runs at the end); return that evaluation's bbox metrics, read
+    from the run's ``metrics.json`` ({} if there was none)."""
+    metrics_file = os.path.join(output_dir, "metrics.json")
+    # metrics.json is appended to by every run in the folder: read only this run's records.
+    offset = os.path.getsize(metrics_file) if os.path.isfile(metrics_file) else 0
+    args = train_net.default_argument_parser().parse_args(
+        ["--config-file", config_file, "OUTPUT_DIR", output_dir, *opts]
+    )
+    train_net.main(args)
+    bbox = {}
+    with open(metrics_file) as f:
+        f.seek(offset)
+        for line in f:
+            record = json.loads(line)
+            if "bbox/AP" in record:
+                bbox = {k[len("bbox/"):]: v for k, v in record.items() if k.startswith("bbox/")}
+    return bbox
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    start = time.perf_counter()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s",
+                        datefmt="%H:%M:%S")
+    timings = {}
+
+    logger.info("1/3 dataset")
+    root = default_shapes_root()
+    ensure_shapes_dataset(root, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
+    register_shapes_dataset(root)
+    timings["dataset_s"] = time.perf_counter() - start
+
+    logger.info("2/3 training and evaluation (config %s)", args.config_file)
+    t = time.perf_counter()
+    bbox = train_and_evaluate(args.config_file, args.output, args.opts)
+    timings["train_eval_s"] = time.perf_counter() - t
+    if not bbox:
+        logger.error("No bbox evaluation results (is TEST.EVAL_PERIOD negative, or "
+                     "DATASETS.TEST empty?)")
+        return 1
+
+    logger.info("3/3 pictures")
+    t = time.perf_counter()
+    weights = os.path.join(args.output, "model_final.pth")
+    val_dir = os.path.join(root, "val")
+    images = sorted(os.listdir(val_dir))[: max(args.num_pictures, 1)]
+    common = ["--config-file", args.config_file]
+    opts = ["--opts", "MODEL.WEIGHTS", weights, *args.opts]
+    rc = demo_tool.main(common + ["--input", *[os.path.join(val_dir, f) for f in images],
+                                  "--output", os.path.join(args.output, "detections"),
+                                  "--confidence-threshold", "0.5", *opts])
+    attention_images = [os.path.join(val_dir, f) for f in images[: max(1, len(images) // 4)]]
+    rc |= visualize_attention.main(common + ["--input", *attention_images, "--output",
+                                             os.path.join(args.output, "attention"), *opts])
+    timings["pictures_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    summary = {"bbox": bbox, "timings": timings, "torch_threads": torch.get_num_threads(),
+               "config_file": args.config_file, "opts": list(args.opts)}
+    with open(os.path.join(args.output, "demo_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"\nDemo finished in {timings['total_s'] / 60:.1f} min (dataset "
+          f"{timings['dataset_s']:.0f} s, training + evaluation {timings['train_eval_s']:.0f} s, "
+          f"pictures {timings['pictures_s']:.0f} s)")
+    # APl is NaN: no shape is large in COCO's sense (area above 96 x 96 px).
+    print("COCO bbox on shapes_val: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in bbox.items() if not k.startswith("AP-") and v == v))
+    print(f"Outputs in {args.output}: detections/, attention/, metrics.json, TensorBoard "
+          f"events (tensorboard --logdir {args.output}), inference/, model_final.pth")
+    if rc:
+        logger.error("Drawing the pictures failed")
+        return 1
+    if bbox["AP"] < args.min_ap:
+        logger.error(f"AP {bbox['AP']:.1f} is below --min-ap {args.min_ap}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
