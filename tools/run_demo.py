@@ -17,7 +17,7 @@ Usage::
     python tools/run_demo.py                       # everything, into output/demo
     python tools/run_demo.py --output /tmp/demo SOLVER.MAX_ITER 100   # config overrides
 
-Exits with status 1 if the final AP is below ``--min-ap``.
+Exits with status 1 if a step fails, or if the final AP is below ``--min-ap`` (when given).
 """
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ import train_net  # noqa: E402  (the repository's train_net.py)
 from deformable_detr.data import ensure_shapes_dataset, register_shapes_dataset  # noqa: E402
 from deformable_detr.data.shapes_dataset import default_shapes_root  # noqa: E402
 
+# The AP on shapes_val the demo is meant to reach (a warning below it).
+TARGET_AP = 50.0
 logger = logging.getLogger("deformable_detr.run_demo")
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
@@ -60,8 +62,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="torch threads (default: all cores, torch's default)")
     p.add_argument("--num-pictures", type=int, default=8,
                    help="val images to draw detections on (attention: a quarter of them)")
-    p.add_argument("--min-ap", type=float, default=50.0,
-                   help="exit with status 1 if the final bbox AP is below this")
+    p.add_argument("--min-ap", type=float, default=None,
+                   help="exit with status 1 if the final bbox AP is below this (default: only "
+                        f"warn below the demo's target of {TARGET_AP:.0f})")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE overrides")
     return p
 
@@ -142,9 +145,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rc:
         logger.error("Drawing the pictures failed")
         return 1
-    if bbox["AP"] < args.min_ap:
+    if args.min_ap is not None and bbox["AP"] < args.min_ap:
         logger.error(f"AP {bbox['AP']:.1f} is below --min-ap {args.min_ap}")
         return 1
+    if bbox["AP"] < TARGET_AP:
+        logger.warning(f"AP {bbox['AP']:.1f} is below the demo's target of {TARGET_AP:.0f}")
     return 0
 
 
