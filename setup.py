@@ -37,7 +37,7 @@ def get_extensions():
     sources = [os.path.join("csrc", "ms_deform_attn_op.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define_macros = [("DEFORMABLE_DETR_TORCH_VERSION", f'"{torch.__version__}"')]
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]}
     extension = CppExtension
     with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
         torch.cuda.is_available() and CUDA_HOME is not None

@@ -72,7 +72,9 @@ bool MSDeformAttnArgs::empty() const {
 
 at::Tensor forward_output(const MSDeformAttnArgs& a) {
   const Sizes& z = a.sizes;
-  return at::zeros({z.N, z.Lq, z.M * z.D}, a.value.options());
+  // The kernels write every element; only a problem without work needs the zeros.
+  return a.empty() ? at::zeros({z.N, z.Lq, z.M * z.D}, a.value.options())
+                   : at::empty({z.N, z.Lq, z.M * z.D}, a.value.options());
 }
 
 BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& grad_output) {
@@ -86,8 +88,13 @@ BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& gr
   BackwardBuffers b;
   b.grad_output = grad_output.to(a.value.scalar_type()).contiguous();
   b.grad_value = at::zeros(a.value.sizes(), a.value.options().dtype(acc));
-  b.grad_loc = at::zeros(a.sampling_loc.sizes(), a.sampling_loc.options());
-  b.grad_attn = at::zeros(a.attn_weight.sizes(), a.attn_weight.options().dtype(acc));
+  // The kernels write every location and weight gradient (zero for samples outside the
+  // map); only the value gradient is a scattered sum that needs zeros to start from.
+  const auto make = [&](at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return a.empty() ? at::zeros(sizes, options) : at::empty(sizes, options);
+  };
+  b.grad_loc = make(a.sampling_loc.sizes(), a.sampling_loc.options());
+  b.grad_attn = make(a.attn_weight.sizes(), a.attn_weight.options().dtype(acc));
   return b;
 }
 

@@ -34,13 +34,31 @@ struct BilinearCorners {
   acc_t lh, lw;
 };
 
+// Pixel coordinates of the normalised location (x, y) on a level of size H x W.
+template <typename acc_t>
+MSDA_HOST_DEVICE void pixel_coords(acc_t x, acc_t y, acc_t H, acc_t W, acc_t& h, acc_t& w) {
+  h = y * H - acc_t(0.5);
+  w = x * W - acc_t(0.5);
+}
+
+// The four interpolation weights from the fractional parts c.lh and c.lw.
+template <typename acc_t>
+MSDA_HOST_DEVICE void bilinear_weights(BilinearCorners<acc_t>& c) {
+  const acc_t hh = acc_t(1) - c.lh;
+  const acc_t hw = acc_t(1) - c.lw;
+  c.weight[0] = hh * hw;
+  c.weight[1] = hh * c.lw;
+  c.weight[2] = c.lh * hw;
+  c.weight[3] = c.lh * c.lw;
+}
+
 // Fills `c` for the normalised location (x, y) on a level of size H x W. Returns false when
 // the sample lies wholly outside the map (then it contributes nothing, not even gradient).
 template <typename acc_t>
 MSDA_HOST_DEVICE bool bilinear_corners(acc_t x, acc_t y, int64_t H, int64_t W,
                                        BilinearCorners<acc_t>& c) {
-  const acc_t h = y * static_cast<acc_t>(H) - acc_t(0.5);
-  const acc_t w = x * static_cast<acc_t>(W) - acc_t(0.5);
+  acc_t h, w;
+  pixel_coords<acc_t>(x, y, static_cast<acc_t>(H), static_cast<acc_t>(W), h, w);
   if (!(h > acc_t(-1) && w > acc_t(-1) && h < static_cast<acc_t>(H) &&
         w < static_cast<acc_t>(W))) {
     return false;
@@ -50,14 +68,10 @@ MSDA_HOST_DEVICE bool bilinear_corners(acc_t x, acc_t y, int64_t H, int64_t W,
   int64_t w0 = static_cast<int64_t>(w);
   h0 -= static_cast<acc_t>(h0) > h;
   w0 -= static_cast<acc_t>(w0) > w;
-  const acc_t h0f = static_cast<acc_t>(h0);
-  const acc_t w0f = static_cast<acc_t>(w0);
   const int64_t h1 = h0 + 1;
   const int64_t w1 = w0 + 1;
-  c.lh = h - h0f;
-  c.lw = w - w0f;
-  const acc_t hh = acc_t(1) - c.lh;
-  const acc_t hw = acc_t(1) - c.lw;
+  c.lh = h - static_cast<acc_t>(h0);
+  c.lw = w - static_cast<acc_t>(w0);
   const bool h0_in = h0 >= 0;
   const bool h1_in = h1 <= H - 1;
   const bool w0_in = w0 >= 0;
@@ -66,10 +80,7 @@ MSDA_HOST_DEVICE bool bilinear_corners(acc_t x, acc_t y, int64_t H, int64_t W,
   c.index[1] = (h0_in && w1_in) ? h0 * W + w1 : -1;
   c.index[2] = (h1_in && w0_in) ? h1 * W + w0 : -1;
   c.index[3] = (h1_in && w1_in) ? h1 * W + w1 : -1;
-  c.weight[0] = hh * hw;
-  c.weight[1] = hh * c.lw;
-  c.weight[2] = c.lh * hw;
-  c.weight[3] = c.lh * c.lw;
+  bilinear_weights<acc_t>(c);
   return true;
 }
 

@@ -14,6 +14,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <limits>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -54,7 +57,7 @@ template <int kD, typename acc_t>
 struct ChannelBuffer {
   explicit ChannelBuffer(int64_t) {}
   acc_t* data() { return buf; }
-  acc_t buf[kD];
+  alignas(64) acc_t buf[kD];
 };
 template <typename acc_t>
 struct ChannelBuffer<0, acc_t> {
@@ -63,12 +66,85 @@ struct ChannelBuffer<0, acc_t> {
   std::vector<acc_t> buf;
 };
 
+// The kernels work on the L*P samples of one (query, head) in two steps. `locate` turns
+// their locations into corner positions and fractions for a batch of samples at once, in a
+// branch-free loop the compiler vectorises; the gather step then only reads values. Samples
+// with all four corners in the map (nearly all of them) take that fast path; the few on a
+// border go through bilinear_corners with its per-corner checks.
+enum SampleKind : int8_t { kOutside = 0, kInterior = 1, kBorder = 2 };
+
+// Level geometry of the i-th sample of a (query, head), i in [0, L*P): the same for every
+// (query, head), so computed once per task.
+template <typename acc_t>
+struct SampleLevels {
+  SampleLevels(const int64_t* shapes, const int64_t* starts, const Sizes& z)
+      : H(z.L * z.P), W(z.L * z.P), H1(z.L * z.P), W1(z.L * z.P), width(z.L * z.P),
+        start(z.L * z.P), level(z.L * z.P) {
+    for (int64_t i = 0; i < z.L * z.P; ++i) {
+      const int64_t l = i / z.P;
+      H[i] = static_cast<acc_t>(shapes[2 * l]);
+      W[i] = static_cast<acc_t>(shapes[2 * l + 1]);
+      H1[i] = static_cast<acc_t>(shapes[2 * l] - 1);
+      W1[i] = static_cast<acc_t>(shapes[2 * l + 1] - 1);
+      width[i] = static_cast<int32_t>(shapes[2 * l + 1]);
+      start[i] = static_cast<int32_t>(starts[l]);
+      level[i] = l;
+    }
+  }
+  std::vector<acc_t> H, W, H1, W1;  // H, W and H - 1, W - 1 as numbers
+  std::vector<int32_t> width, start;
+  std::vector<int64_t> level;
+};
+
+// One batch of located samples.
+template <typename acc_t>
+struct SampleBatch {
+  static constexpr int64_t kCapacity = 64;
+  int32_t pos[kCapacity];  // kInterior: flat position (start + h0 * W + w0) of corner (h0, w0)
+  int8_t kind[kCapacity];
+  acc_t lh[kCapacity], lw[kCapacity];  // kInterior: fractional parts of h and w
+};
+
+// Locates samples [i0, i0 + count) of a (query, head); loc points at sample i0's (x, y).
+// Interior means 0 <= h < H - 1 and 0 <= w < W - 1: then floor is truncation and all four
+// corners are in the map. Positions fit in int32: the kernels check S < 2^31.
+template <typename acc_t>
+MSDA_ALWAYS_INLINE void locate(const acc_t* __restrict__ loc, int64_t i0, int64_t count,
+                               const SampleLevels<acc_t>& lv, SampleBatch<acc_t>& b) {
+  const acc_t* __restrict__ Hs = lv.H.data() + i0;
+  const acc_t* __restrict__ Ws = lv.W.data() + i0;
+  const acc_t* __restrict__ H1 = lv.H1.data() + i0;
+  const acc_t* __restrict__ W1 = lv.W1.data() + i0;
+  const int32_t* __restrict__ width = lv.width.data() + i0;
+  const int32_t* __restrict__ start = lv.start.data() + i0;
+  for (int64_t j = 0; j < count; ++j) {
+    acc_t h, w;
+    pixel_coords<acc_t>(loc[2 * j], loc[2 * j + 1], Hs[j], Ws[j], h, w);
+    // `&`, not `&&`: no branches, so the loop vectorises (with -fno-trapping-math).
+    const bool interior = (h >= acc_t(0)) & (w >= acc_t(0)) & (h < H1[j]) & (w < W1[j]);
+    const bool inside = (h > acc_t(-1)) & (w > acc_t(-1)) & (h < Hs[j]) & (w < Ws[j]);
+    // Anything but interior (also NaN) becomes 0 before the conversion to int.
+    const acc_t hc = interior ? h : acc_t(0);
+    const acc_t wc = interior ? w : acc_t(0);
+    const int32_t h0 = static_cast<int32_t>(hc);
+    const int32_t w0 = static_cast<int32_t>(wc);
+    b.lh[j] = hc - static_cast<acc_t>(h0);
+    b.lw[j] = wc - static_cast<acc_t>(w0);
+    b.pos[j] = start[j] + h0 * width[j] + w0;
+    // kInterior (1), kBorder (2) or kOutside (0).
+    b.kind[j] = static_cast<int8_t>(interior | ((inside & !interior) << 1));
+  }
+}
+
 template <int kD, typename scalar_t, typename acc_t>
 MSDA_ALWAYS_INLINE void forward_rows(int64_t begin, int64_t end,
                                      const KernelArgs<scalar_t, acc_t>& a) {
   const Sizes z = a.z;
   const int64_t D = kD > 0 ? kD : z.D;
   const int64_t row = z.M * D;  // stride of one value position
+  const int64_t LP = z.L * z.P;
+  const SampleLevels<acc_t> lv(a.shapes, a.starts, z);
+  SampleBatch<acc_t> b{};
   ChannelBuffer<kD, acc_t> buffer(D);
   acc_t* __restrict__ acc = buffer.data();
   for (int64_t nq = begin; nq < end; ++nq) {
@@ -76,15 +152,40 @@ MSDA_ALWAYS_INLINE void forward_rows(int64_t begin, int64_t end,
     for (int64_t m = 0; m < z.M; ++m) {
       for (int64_t d = 0; d < D; ++d) acc[d] = 0;
       const scalar_t* v_nm = a.value + n * z.S * row + m * D;
-      const int64_t base = (nq * z.M + m) * z.L * z.P;
-      for (int64_t l = 0; l < z.L; ++l) {
-        const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-        const scalar_t* v_l = v_nm + a.starts[l] * row;
-        for (int64_t p = 0; p < z.P; ++p) {
-          const int64_t s = base + l * z.P + p;
-          BilinearCorners<acc_t> c;
-          if (!bilinear_corners<acc_t>(a.loc[2 * s], a.loc[2 * s + 1], H, W, c)) continue;
+      const int64_t base = (nq * z.M + m) * LP;  // flat index of sample 0
+      for (int64_t i0 = 0; i0 < LP; i0 += SampleBatch<acc_t>::kCapacity) {
+        const int64_t count = std::min(LP - i0, SampleBatch<acc_t>::kCapacity);
+        locate<acc_t>(a.loc + 2 * (base + i0), i0, count, lv, b);
+        for (int64_t j = 0; j < count; ++j) {
+          if (b.kind[j] == kOutside) continue;
+          const int64_t s = base + i0 + j;
           const acc_t w = static_cast<acc_t>(a.attn[s]);
+          if (b.kind[j] == kInterior) {
+            BilinearCorners<acc_t> c;
+            c.lh = b.lh[j];
+            c.lw = b.lw[j];
+            bilinear_weights<acc_t>(c);
+            const acc_t w0 = w * c.weight[0], w1 = w * c.weight[1];
+            const acc_t w2 = w * c.weight[2], w3 = w * c.weight[3];
+            const scalar_t* __restrict__ v0 = v_nm + b.pos[j] * row;
+            const scalar_t* __restrict__ v2 = v0 + lv.width[i0 + j] * row;
+            // The corner sum is formed before it meets acc, so consecutive samples do not
+            // wait on each other's additions.
+            for (int64_t d = 0; d < D; ++d) {
+              acc[d] += (w0 * static_cast<acc_t>(v0[d]) + w1 * static_cast<acc_t>(v0[d + row])) +
+                        (w2 * static_cast<acc_t>(v2[d]) + w3 * static_cast<acc_t>(v2[d + row]));
+            }
+            continue;
+          }
+          const int64_t l = lv.level[i0 + j];
+          BilinearCorners<acc_t> c;
+          // locate may round h or w differently (contracted multiply-add): its verdict
+          // "on a border" is re-checked here.
+          if (!bilinear_corners<acc_t>(a.loc[2 * s], a.loc[2 * s + 1], a.shapes[2 * l],
+                                       a.shapes[2 * l + 1], c)) {
+            continue;
+          }
+          const scalar_t* v_l = v_nm + a.starts[l] * row;
           for (int k = 0; k < 4; ++k) {
             if (c.index[k] < 0) continue;
             const acc_t wk = w * c.weight[k];
@@ -105,6 +206,9 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
   const Sizes z = a.z;
   const int64_t D = kD > 0 ? kD : z.D;
   const int64_t row = z.M * D;
+  const int64_t LP = z.L * z.P;
+  const SampleLevels<acc_t> lv(a.shapes, a.starts, z);
+  SampleBatch<acc_t> b{};
   ChannelBuffer<kD, acc_t> buffer(D);
   acc_t* __restrict__ g = buffer.data();
   for (int64_t nm = begin; nm < end; ++nm) {
@@ -115,29 +219,74 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
       const int64_t nqm = (n * z.Lq + q) * z.M + m;
       const scalar_t* go = a.grad_out + nqm * D;
       for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
-      for (int64_t l = 0; l < z.L; ++l) {
-        const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-        const int64_t offset = a.starts[l] * row;
-        for (int64_t p = 0; p < z.P; ++p) {
-          const int64_t s = (nqm * z.L + l) * z.P + p;
-          BilinearCorners<acc_t> c;
-          if (!bilinear_corners<acc_t>(a.loc[2 * s], a.loc[2 * s + 1], H, W, c)) continue;
+      const int64_t base = nqm * LP;
+      for (int64_t i0 = 0; i0 < LP; i0 += SampleBatch<acc_t>::kCapacity) {
+        const int64_t count = std::min(LP - i0, SampleBatch<acc_t>::kCapacity);
+        locate<acc_t>(a.loc + 2 * (base + i0), i0, count, lv, b);
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t s = base + i0 + j;
+          const int64_t l = lv.level[i0 + j];
+          const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
+          BilinearCorners<acc_t> c{};
+          // A sample outside the map has no value and no gradient (the buffers start
+          // empty). locate's verdict "on a border" is re-checked, as it may round h or w
+          // differently (contracted multiply-add).
+          if (b.kind[j] != kInterior &&
+              (b.kind[j] == kOutside ||
+               !bilinear_corners<acc_t>(a.loc[2 * s], a.loc[2 * s + 1], H, W, c))) {
+            a.grad_attn[s] = 0;
+            a.grad_loc[2 * s] = a.grad_loc[2 * s + 1] = 0;
+            continue;
+          }
           const acc_t w = static_cast<acc_t>(a.attn[s]);
           // dot[k] = <grad_out, value at corner k>: enough for both the weight and the
           // location gradients.
           acc_t dot[4] = {0, 0, 0, 0};
-          for (int k = 0; k < 4; ++k) {
-            if (c.index[k] < 0) continue;
-            const scalar_t* __restrict__ v = v_nm + offset + c.index[k] * row;
-            acc_t* __restrict__ gv = gv_nm + offset + c.index[k] * row;
-            const acc_t wk = w * c.weight[k];
-            acc_t dk = 0;
-#pragma omp simd reduction(+ : dk)
+          if (b.kind[j] == kInterior) {
+            c.lh = b.lh[j];
+            c.lw = b.lw[j];
+            bilinear_weights<acc_t>(c);
+            // One pass over the channels for all four corners; distinct corners are
+            // distinct rows, so the four scatters never overlap.
+            const int64_t p0 = b.pos[j] * row, p2 = p0 + lv.width[i0 + j] * row;
+            const scalar_t* __restrict__ v0 = v_nm + p0;
+            const scalar_t* __restrict__ v2 = v_nm + p2;
+            acc_t* __restrict__ gv0 = gv_nm + p0;
+            acc_t* __restrict__ gv2 = gv_nm + p2;
+            const acc_t w0 = w * c.weight[0], w1 = w * c.weight[1];
+            const acc_t w2 = w * c.weight[2], w3 = w * c.weight[3];
+            acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
             for (int64_t d = 0; d < D; ++d) {
-              dk += g[d] * static_cast<acc_t>(v[d]);
-              gv[d] += wk * g[d];
+              const acc_t gd = g[d];
+              d0 += gd * static_cast<acc_t>(v0[d]);
+              d1 += gd * static_cast<acc_t>(v0[d + row]);
+              d2 += gd * static_cast<acc_t>(v2[d]);
+              d3 += gd * static_cast<acc_t>(v2[d + row]);
+              gv0[d] += w0 * gd;
+              gv0[d + row] += w1 * gd;
+              gv2[d] += w2 * gd;
+              gv2[d + row] += w3 * gd;
             }
-            dot[k] = dk;
+            dot[0] = d0;
+            dot[1] = d1;
+            dot[2] = d2;
+            dot[3] = d3;
+          } else {
+            const int64_t offset = a.starts[l] * row;
+            for (int k = 0; k < 4; ++k) {
+              if (c.index[k] < 0) continue;
+              const scalar_t* __restrict__ v = v_nm + offset + c.index[k] * row;
+              acc_t* __restrict__ gv = gv_nm + offset + c.index[k] * row;
+              const acc_t wk = w * c.weight[k];
+              acc_t dk = 0;
+#pragma omp simd reduction(+ : dk)
+              for (int64_t d = 0; d < D; ++d) {
+                dk += g[d] * static_cast<acc_t>(v[d]);
+                gv[d] += wk * g[d];
+              }
+              dot[k] = dk;
+            }
           }
           a.grad_attn[s] = c.weight[0] * dot[0] + c.weight[1] * dot[1] +
                            c.weight[2] * dot[2] + c.weight[3] * dot[3];
@@ -207,6 +356,9 @@ RangeFn<scalar_t, acc_t> select_kernel(int64_t D) {
 
 template <typename scalar_t, typename acc_t>
 KernelArgs<scalar_t, acc_t> kernel_args(const MSDeformAttnArgs& a) {
+  TORCH_CHECK_VALUE(a.sizes.S <= std::numeric_limits<int32_t>::max(),
+                    "the CPU kernels support up to 2^31 - 1 value positions per image, got S = ",
+                    a.sizes.S);
   KernelArgs<scalar_t, acc_t> k{};
   k.value = a.value.data_ptr<scalar_t>();
   k.shapes = a.spatial_shapes.data_ptr<int64_t>();
@@ -215,6 +367,22 @@ KernelArgs<scalar_t, acc_t> kernel_args(const MSDeformAttnArgs& a) {
   k.attn = a.attn_weight.data_ptr<scalar_t>();
   k.z = a.sizes;
   return k;
+}
+
+// Runs fn(lo, hi) over [0, total) in blocks handed out on demand rather than one equal
+// share per thread: rows differ in cost (queries on coarse levels reach across the whole
+// finest map and miss the cache more), so fixed shares leave a thread idle. For passes
+// whose results do not depend on the order (the forward).
+template <typename F>
+void parallel_blocks(int64_t total, int64_t block, const F& fn) {
+  const int64_t blocks = (total + block - 1) / block;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1,
+                   [&](int64_t, int64_t) {
+                     for (int64_t b = next++; b < blocks; b = next++) {
+                       fn(b * block, std::min(total, (b + 1) * block));
+                     }
+                   });
 }
 
 }  // namespace
@@ -234,9 +402,9 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
         auto k = kernel_args<scalar_t, acc_t>(a);
         k.out = out.data_ptr<scalar_t>();
         const auto fn = select_kernel<Pass::kForward, scalar_t, acc_t>(z.D);
-        // Rows are cheap to split: aim for a few thousand samples per task.
-        const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, z.M * z.L * z.P));
-        at::parallel_for(0, z.N * z.Lq, grain, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
+        // Rows are cheap to split: a few thousand samples per block.
+        const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, z.M * z.L * z.P));
+        parallel_blocks(z.N * z.Lq, block, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
       });
   return out;
 }

@@ -85,7 +85,11 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value,
     const int64_t n = nqm / (z.M * z.Lq);
     const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
     BilinearCorners<acc_t> c;
-    if (!bilinear_corners<acc_t>(loc[2 * s], loc[2 * s + 1], H, W, c)) continue;
+    if (!bilinear_corners<acc_t>(loc[2 * s], loc[2 * s + 1], H, W, c)) {
+      grad_attn[s] = 0;  // the buffers are not zero-filled
+      grad_loc[2 * s] = grad_loc[2 * s + 1] = 0;
+      continue;
+    }
     const acc_t a = static_cast<acc_t>(attn[s]);
     const scalar_t* go = grad_out + nqm * z.D;
     const int64_t offset = (n * z.S + starts[l]) * row + m * z.D;

@@ -1,5 +1,6 @@
 """The Deformable DETR model: importing this registers ``DeformableDETR`` in detectron2's
-``META_ARCH_REGISTRY`` (and ``build_torchvision_resnet_backbone`` in ``BACKBONE_REGISTRY``)."""
+``META_ARCH_REGISTRY`` (and ``build_torchvision_resnet_backbone`` and the demo's
+``build_slim_resnet_backbone`` in ``BACKBONE_REGISTRY``)."""
 from .backbone import build_torchvision_resnet_backbone
 from .box_ops import (
     box_cxcywh_to_xyxy,
@@ -21,6 +22,7 @@ from .matcher import HungarianMatcher
 from .meta_arch import DeformableDETR
 from .multiscale_adapter import MultiScaleAdapter
 from .position_encoding import PositionEmbeddingSine
+from .slim_resnet import build_slim_resnet_backbone
 from .postprocess import topk_detections
 from .two_stage import gen_encoder_output_proposals, proposal_pos_embed
 
@@ -39,6 +41,7 @@ __all__ = [
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
     "build_prediction_heads",
+    "build_slim_resnet_backbone",
     "build_torchvision_resnet_backbone",
     "encoder_reference_points",
     "gen_encoder_output_proposals",
