@@ -126,4 +126,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     )
     # detectron2's per-parameter clipping, only when asked for instead of the global one.
     optimizer_type = maybe_add_gradient_clipping(cfg, optimizer_type)
-    return optimizer_type(groups, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, foreach=True)
+    # foreach: one call per step for all tensors instead of a Python loop over them (also
+    # on the CPU, where torch does not pick it by default); the same update.
+    return optimizer_type(groups, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                          foreach=True)

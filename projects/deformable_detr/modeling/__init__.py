@@ -22,8 +22,8 @@ from .matcher import HungarianMatcher
 from .meta_arch import DeformableDETR
 from .multiscale_adapter import MultiScaleAdapter
 from .position_encoding import PositionEmbeddingSine
-from .slim_resnet import build_slim_resnet_backbone
 from .postprocess import topk_detections
+from .slim_resnet import build_slim_resnet_backbone
 from .two_stage import gen_encoder_output_proposals, proposal_pos_embed
 
 __all__ = [
