@@ -419,6 +419,24 @@ def test_compiled_and_pytorch_attention_agree(variant):
     torch.testing.assert_close(b["pred_logits"], a["pred_logits"], atol=1e-5, rtol=1e-5)
 
 
+def test_backbone_channels_last_is_the_same_model():
+    ref = perturb(build(DROPOUT=0.0, WITH_BOX_REFINE=True))
+    cl = build(DROPOUT=0.0, WITH_BOX_REFINE=True, BACKBONE_CHANNELS_LAST=True)
+    conv = next(m for m in cl.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    cl.load_state_dict(ref.state_dict())
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # kept on loading
+    inputs = make_inputs()
+    losses_ref, losses_cl = ref(inputs), cl(inputs)
+    for k in losses_ref:
+        torch.testing.assert_close(losses_cl[k], losses_ref[k], atol=1e-5, rtol=1e-5)
+    sum(losses_ref.values()).backward()
+    sum(losses_cl.values()).backward()
+    for (name, p1), p2 in zip(ref.named_parameters(), cl.parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p2.grad, p1.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not has_compiled_op("cuda"),
                     reason="needs a GPU and the CUDA kernels")
 def test_cuda_compiled_matches_cpu_pytorch():

@@ -25,7 +25,8 @@ NUM_TRAIN, NUM_VAL = 40, 12
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shapes"))
-    paths = generate_shapes_dataset(root, num_train=NUM_TRAIN, num_val=NUM_VAL, seed=3)
+    paths = generate_shapes_dataset(root, num_train=NUM_TRAIN, num_val=NUM_VAL, seed=3,
+                                    workers=2)
     return root, paths
 
 
@@ -76,7 +77,7 @@ def test_class_and_size_mix(rendered):
     counts = np.bincount(cats, minlength=7)[1:]
     assert counts.min() > 0.1 * len(cats)  # balanced classes
     assert sizes.min() <= 8 and sizes.max() >= 50
-    assert 0.15 < np.mean(sizes < 16) < 0.6  # many small objects ...
+    assert 0.1 < np.mean(sizes < 16) < 0.6  # many small objects ...
     assert np.mean(sizes >= 32) > 0.15  # ... and large ones
     # Both cues are needed: each colour family and each kind covers two classes.
     kinds = [c["kind"] for c in SHAPES_CATEGORIES]
@@ -149,12 +150,14 @@ def test_boxes_are_tight_around_isolated_shapes(rendered):
 
 
 def test_deterministic(dataset, tmp_path):
-    root, paths = dataset
-    # Same seed, fewer training images: the val split and the first train images agree.
+    root, paths = dataset  # rendered by several processes (one per core; two here)
+    # Same seed, fewer training images, one process: the val split and the first train
+    # images agree.
     other = str(tmp_path / "again")
-    paths2 = generate_shapes_dataset(other, num_train=5, num_val=NUM_VAL, seed=3)
+    paths2 = generate_shapes_dataset(other, num_train=5, num_val=NUM_VAL, seed=3, workers=1)
     with open(paths["val"]) as f1, open(paths2["val"]) as f2:
-        assert json.load(f1)["annotations"] == json.load(f2)["annotations"]
+        j1, j2 = json.load(f1), json.load(f2)
+        assert j1["annotations"] == j2["annotations"] and j1["images"] == j2["images"]
     for split, name in (("val", "000007.png"), ("train", "000004.png")):
         a = np.asarray(Image.open(os.path.join(root, split, name)))
         b = np.asarray(Image.open(os.path.join(other, split, name)))

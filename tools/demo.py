@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -185,30 +185,54 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prepare(config_file: str, opts: Sequence[str], inputs: Sequence[str], output: str):
+    """The set-up the drawing tools share: the config, the list of images, the model (and the
+    built-in dataset's class names, registered if missing) and its metadata; makes the output
+    folder. Raises FileNotFoundError, ValueError or RuntimeError with a message for the user.
+
+    Returns:
+        (cfg, image paths, Predictor, metadata)
+    """
+    cfg = setup_cfg(config_file, opts)
+    images = list_images(inputs)
+    if "shapes_val" not in DatasetCatalog.list():
+        register_shapes_dataset()  # names and colours of the built-in dataset's classes
+    predictor = Predictor(cfg)
+    metadata = get_metadata(cfg)
+    PathManager.mkdirs(output)
+    return cfg, images, predictor, metadata
+
+
+def for_each_image(images: Sequence[str], image_format: str,
+                   handle: Callable[[str, np.ndarray], None]) -> int:
+    """Call ``handle(path, image)`` on each image; an image that cannot be read or handled
+    (FileNotFoundError, ValueError) is reported by name and skipped. Returns the exit status:
+    1 if any image failed, else 0."""
+    failed = 0
+    for path in images:
+        try:
+            handle(path, read_image(path, image_format))
+        except (FileNotFoundError, ValueError) as e:
+            logger.error(str(e))
+            failed += 1
+    if failed:
+        logger.error(f"{failed} of {len(images)} images failed")
+    return 1 if failed else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     setup_logger(name="deformable_detr")
     setup_logger(name="fvcore")
     try:
-        cfg = setup_cfg(args.config_file, args.opts)
-        images = list_images(args.input)
-        if "shapes_val" not in DatasetCatalog.list():
-            register_shapes_dataset()  # names and colours of the built-in dataset's classes
-        predictor = Predictor(cfg)
+        cfg, images, predictor, metadata = prepare(args.config_file, args.opts, args.input,
+                                                   args.output)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         logger.error(str(e))
         return 2
-    metadata = get_metadata(cfg)
-    PathManager.mkdirs(args.output)
     used: Dict[str, int] = {}
-    failed = 0
-    for path in images:
-        try:
-            image = read_image(path, cfg.INPUT.FORMAT)
-        except (FileNotFoundError, ValueError) as e:
-            logger.error(str(e))
-            failed += 1
-            continue
+
+    def handle(path: str, image: np.ndarray) -> None:
         start = time.perf_counter()
         instances = predictor(image)
         elapsed = time.perf_counter() - start
@@ -220,9 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         n = int((instances.scores >= args.confidence_threshold).sum())
         logger.info(f"{path}: {n} detections >= {args.confidence_threshold} in "
                     f"{elapsed:.2f} s -> {out}")
-    if failed:
-        logger.error(f"{failed} of {len(images)} images could not be read")
-    return 1 if failed else 0
+
+    return for_each_image(images, cfg.INPUT.FORMAT, handle)
 
 
 if __name__ == "__main__":

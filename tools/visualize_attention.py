@@ -32,9 +32,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data import detection_utils as utils  # noqa: E402
-from detectron2.utils.file_io import PathManager  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
@@ -42,12 +40,9 @@ from matplotlib.patches import Rectangle  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from demo import (  # noqa: E402
     Predictor,
-    get_metadata,
-    list_images,
+    for_each_image,
     output_path,
-    read_image,
-    register_shapes_dataset,
-    setup_cfg,
+    prepare,
 )
 
 from deformable_detr.layers import MSDeformAttn  # noqa: E402
@@ -376,36 +371,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error(f"--topk must be >= 1, got {args.topk}")
         return 2
     try:
-        cfg = setup_cfg(args.config_file, args.opts)
-        images = list_images(args.input)
-        if "shapes_val" not in DatasetCatalog.list():
-            register_shapes_dataset()  # names and colours of the built-in dataset's classes
-        predictor = Predictor(cfg)
+        cfg, images, predictor, metadata = prepare(args.config_file, args.opts, args.input,
+                                                   args.output)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         logger.error(str(e))
         return 2
-    metadata = get_metadata(cfg)
-    PathManager.mkdirs(args.output)
     used: Dict[str, int] = {}
-    failed = 0
-    for path in images:
-        try:
-            image = read_image(path, cfg.INPUT.FORMAT)
-            figs = visualize_image(predictor, metadata, image, topk=args.topk,
-                                   queries=args.queries, pixels=args.pixels,
-                                   pixel_level=args.pixel_level, image_format=cfg.INPUT.FORMAT)
-        except (FileNotFoundError, ValueError) as e:
-            logger.error(str(e))
-            failed += 1
-            continue
+
+    def handle(path: str, image: np.ndarray) -> None:
+        figs = visualize_image(predictor, metadata, image, topk=args.topk,
+                               queries=args.queries, pixels=args.pixels,
+                               pixel_level=args.pixel_level, image_format=cfg.INPUT.FORMAT)
         for fig, part in zip(figs, ("decoder", "encoder")):
             out = output_path(args.output, path, used, suffix=f"_{part}")
             fig.savefig(out, dpi=args.dpi)
             plt.close(fig)
             logger.info(f"{path}: {part} attention -> {out}")
-    if failed:
-        logger.error(f"{failed} of {len(images)} images failed")
-    return 1 if failed else 0
+
+    return for_each_image(images, cfg.INPUT.FORMAT, handle)
 
 
 if __name__ == "__main__":

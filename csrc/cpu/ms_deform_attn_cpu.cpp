@@ -1,15 +1,19 @@
 // CPU kernels of multi-scale deformable attention.
 //
-// Forward: parallel over (n, q) rows; each (n, q, m) accumulates its D channels in a local
-// buffer. Backward: parallel over (n, m) pairs. Every write of a task goes to memory only
-// that task owns: grad_value[n, :, m, :] and the (n, :, m) slices of the location and weight
-// gradients. So the backward needs no atomics and sums in a fixed order: results are
-// bit-identical from run to run and for any number of threads.
+// Forward: parallel over (n, q) rows, in blocks handed out on demand; each (n, q, m)
+// accumulates its D channels in a local buffer. Backward: parallel over (n, m) pairs. Every
+// write of a task goes to memory only that task owns: grad_value[n, :, m, :] and the
+// (n, :, m) slices of the location and weight gradients. So the backward needs no atomics
+// and sums in a fixed order: results are bit-identical from run to run and for any number
+// of threads.
 //
-// Speed: the channel loops are where the time goes. For the common D (32, 64) the channel
-// count is a compile-time constant so the accumulators live in registers, and on x86 the
-// loops are compiled a second time for AVX2+FMA and picked at run time (the build itself
-// stays portable: no -march flags).
+// Speed: per sample, the location arithmetic costs as much as the channel loop, so both are
+// vectorised. `locate` turns the L*P locations of a (query, head) into corner positions in
+// one branch-free loop (compiled with -fno-trapping-math so that the comparisons need no
+// branches); the channel loop then reads all four corners in one pass. For the common D
+// (32, 64) the channel count is a compile-time constant so the accumulators live in
+// registers, and on x86 everything is compiled a second time for AVX2+FMA and picked at run
+// time (the build itself stays portable: no -march flags).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

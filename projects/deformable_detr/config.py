@@ -33,6 +33,9 @@ def add_deformable_detr_config(cfg: CN) -> CN:
     # "auto": the compiled op where the extension has a kernel for the device, else PyTorch;
     # "compiled": the compiled op or an error at build time; "pytorch": grid_sample path.
     c.ATTN_IMPL = "auto"
+    # Run the backbone in channels-last memory layout (oneDNN's preferred layout for CPU
+    # convolutions and a vectorised max-pool; the same numbers up to float rounding).
+    c.BACKBONE_CHANNELS_LAST = False
 
     # Optimizer: AdamW with three parameter groups (base lr; backbone lr x BACKBONE_MULTIPLIER;
     # sampling_offsets / reference_points lr x LINEAR_PROJ_MULTIPLIER) and gradient clipping

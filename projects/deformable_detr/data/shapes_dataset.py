@@ -3,8 +3,9 @@
 Each image (128..160 px a side by default) has a textured background (smooth noise, linear
 gradients, stripes or a checkerboard) and 3..8 filled shapes. The six classes are
 combinations of a kind (circle, square, triangle) and a colour family (red, green, blue):
-neither the colour nor the kind alone identifies a class. Objects vary in size from 6 to
-60 px (uniform, a fifth of them under 16 px), aspect ratio, rotation and shading,
+neither the colour nor the kind alone identifies a class. Objects vary in size from 10 to
+60 px (uniform; a sixth have a box side under 16 px, a third fewer than 16x16 visible
+pixels, and COCO counts five in six as small), aspect ratio, rotation and shading,
 and may overlap: each annotation is the full box of the shape, also where another shape
 covers part of it (as COCO annotates occluded objects), and shapes whose visible part is
 below ``MIN_VISIBLE_FRACTION`` are drawn but not annotated.
@@ -23,6 +24,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import os
@@ -153,7 +155,7 @@ def _render_object(rng: np.random.Generator, kind: str, cx: float, cy: float, ra
 
 
 def render_shapes_image(rng: np.random.Generator, *, min_image_size: int = 128,
-                        max_image_size: int = 160, min_object_size: float = 6.0,
+                        max_image_size: int = 160, min_object_size: float = 10.0,
                         max_object_size: float = 60.0, min_objects: int = 3,
                         max_objects: int = 8) -> Tuple[np.ndarray, List[Dict]]:
     """Render one image.
@@ -223,20 +225,35 @@ def _generation_info(split: str, num_images: int, seed: int, render_kwargs: Dict
             "seed": seed, "render": dict(render_kwargs)}
 
 
+def _render_and_save(job: Tuple[str, str, int, int, Dict]) -> Tuple[Dict, List[Dict]]:
+    """Render image ``idx`` of a split from its own seed and write it; return its COCO image
+    record and annotations. Module-level so that worker processes can run it."""
+    image_dir, split, seed, idx, render_kwargs = job
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], idx])
+    img, anns = render_shapes_image(rng, **render_kwargs)
+    file_name = f"{idx:06d}.png"
+    # Fast zlib level: the files are small, and generation time matters more.
+    Image.fromarray(img).save(os.path.join(image_dir, file_name), compress_level=1)
+    record = {"id": idx + 1, "file_name": file_name, "height": int(img.shape[0]),
+              "width": int(img.shape[1])}
+    return record, anns
+
+
 def _generate_split(root: str, split: str, num_images: int, seed: int,
-                    render_kwargs: Dict) -> Dict:
+                    render_kwargs: Dict, workers: int = 1) -> Dict:
     image_dir = os.path.join(root, split)
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    jobs = [(image_dir, split, seed, idx, render_kwargs) for idx in range(num_images)]
+    # Every image has its own seed, so the files do not depend on the number of workers.
+    if workers > 1 and num_images > 1:
+        with concurrent.futures.ProcessPoolExecutor(min(workers, num_images)) as pool:
+            results = list(pool.map(_render_and_save, jobs, chunksize=16))
+    else:
+        results = [_render_and_save(job) for job in jobs]
     images, annotations = [], []
-    for idx in range(num_images):
-        rng = np.random.default_rng([seed, _SPLIT_IDS[split], idx])
-        img, anns = render_shapes_image(rng, **render_kwargs)
-        file_name = f"{idx:06d}.png"
-        # Fast zlib level: the files are small, and generation time matters more.
-        Image.fromarray(img).save(os.path.join(image_dir, file_name), compress_level=1)
-        images.append({"id": idx + 1, "file_name": file_name, "height": int(img.shape[0]),
-                       "width": int(img.shape[1])})
+    for idx, (record, anns) in enumerate(results):
+        images.append(record)
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": idx + 1, "iscrowd": 0,
                                 **ann})
@@ -256,12 +273,14 @@ def _generate_split(root: str, split: str, num_images: int, seed: int,
 
 
 def generate_shapes_dataset(root: Optional[str] = None, *, num_train: int = 2000,
-                            num_val: int = 200, seed: int = 0,
+                            num_val: int = 200, seed: int = 0, workers: Optional[int] = None,
                             **render_kwargs) -> Dict[str, str]:
     """Write the train and val splits under ``root`` (default ``default_shapes_root()``),
     overwriting earlier files of the same names.
 
     Args:
+        workers: processes that render images (default: one per CPU core); the files are
+            the same for any number.
         render_kwargs: passed to :func:`render_shapes_image` (image and object sizes, object
             counts).
 
@@ -269,13 +288,14 @@ def generate_shapes_dataset(root: Optional[str] = None, *, num_train: int = 2000
         {split: path of its COCO json}.
     """
     root = root or default_shapes_root()
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
     render_kwargs = _check_render_kwargs(render_kwargs)
     paths = {}
     for split, n in (("train", num_train), ("val", num_val)):
         start = time.perf_counter()
-        coco = _generate_split(root, split, n, seed, render_kwargs)
+        coco = _generate_split(root, split, n, seed, render_kwargs, workers)
         logger.info("shapes_%s: %d images, %d objects in %.1f s -> %s", split, n,
                     len(coco["annotations"]), time.perf_counter() - start, root)
         paths[split] = _json_path(root, split)
@@ -370,15 +390,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-image-size", type=int, default=128)
     parser.add_argument("--max-image-size", type=int, default=160)
-    parser.add_argument("--min-object-size", type=float, default=6.0)
+    parser.add_argument("--min-object-size", type=float, default=10.0)
     parser.add_argument("--max-object-size", type=float, default=60.0)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="rendering processes (default: one per CPU core)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         generate_shapes_dataset(
             args.root, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-            min_image_size=args.min_image_size, max_image_size=args.max_image_size,
-            min_object_size=args.min_object_size, max_object_size=args.max_object_size,
+            workers=args.workers, min_image_size=args.min_image_size,
+            max_image_size=args.max_image_size, min_object_size=args.min_object_size,
+            max_object_size=args.max_object_size,
         )
     except ValueError as e:
         parser.error(str(e))
