@@ -2,7 +2,7 @@
 """The CPU demo: train a small Deformable DETR from scratch on the built-in shapes dataset,
 evaluate it with COCO AP, and draw its detections and attention.
 
-Steps (all on the CPU, about 10 minutes on 2 cores):
+Steps (all on the CPU, about 11 minutes on 2 cores):
 
 1. generate the synthetic dataset under ``$DETECTRON2_DATASETS/shapes`` (default
    ``./datasets/shapes``) unless it is already there;
@@ -60,7 +60,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default: all cores, torch's default)")
-    p.add_argument("--num-pictures", type=int, default=8,
+    p.add_argument("--num-pictures", type=int, default=6,
                    help="val images to draw detections on (attention: a quarter of them)")
     p.add_argument("--min-ap", type=float, default=None,
                    help="exit with status 1 if the final bbox AP is below this (default: only "

@@ -41,6 +41,34 @@
 namespace deformable_detr {
 namespace {
 
+// Level geometry of the i-th sample of a (query, head), i in [0, L*P): the same for every
+// (query, head), so computed once per call.
+template <typename acc_t>
+struct SampleLevels {
+  explicit SampleLevels(const MSDeformAttnArgs& a) {
+    const Sizes& z = a.sizes;
+    const int64_t* shapes = a.spatial_shapes.data_ptr<int64_t>();
+    const int64_t* starts = a.level_start_index.data_ptr<int64_t>();
+    for (auto* v : {&H, &W, &H1, &W1}) v->resize(z.L * z.P);
+    width.resize(z.L * z.P);
+    start.resize(z.L * z.P);
+    level.resize(z.L * z.P);
+    for (int64_t i = 0; i < z.L * z.P; ++i) {
+      const int64_t l = i / z.P;
+      H[i] = static_cast<acc_t>(shapes[2 * l]);
+      W[i] = static_cast<acc_t>(shapes[2 * l + 1]);
+      H1[i] = static_cast<acc_t>(shapes[2 * l] - 1);
+      W1[i] = static_cast<acc_t>(shapes[2 * l + 1] - 1);
+      width[i] = static_cast<int32_t>(shapes[2 * l + 1]);
+      start[i] = static_cast<int32_t>(starts[l]);
+      level[i] = l;
+    }
+  }
+  std::vector<acc_t> H, W, H1, W1;  // H, W and H - 1, W - 1 as numbers
+  std::vector<int32_t> width, start;
+  std::vector<int64_t> level;
+};
+
 template <typename scalar_t, typename acc_t>
 struct KernelArgs {
   const scalar_t* value;
@@ -53,6 +81,7 @@ struct KernelArgs {
   acc_t* grad_value;         // backward, in acc_t so scattered sums keep precision
   acc_t* grad_loc;
   acc_t* grad_attn;
+  const SampleLevels<acc_t>* levels;
   Sizes z;
 };
 
@@ -76,29 +105,6 @@ struct ChannelBuffer<0, acc_t> {
 // with all four corners in the map (nearly all of them) take that fast path; the few on a
 // border go through bilinear_corners with its per-corner checks.
 enum SampleKind : int8_t { kOutside = 0, kInterior = 1, kBorder = 2 };
-
-// Level geometry of the i-th sample of a (query, head), i in [0, L*P): the same for every
-// (query, head), so computed once per task.
-template <typename acc_t>
-struct SampleLevels {
-  SampleLevels(const int64_t* shapes, const int64_t* starts, const Sizes& z)
-      : H(z.L * z.P), W(z.L * z.P), H1(z.L * z.P), W1(z.L * z.P), width(z.L * z.P),
-        start(z.L * z.P), level(z.L * z.P) {
-    for (int64_t i = 0; i < z.L * z.P; ++i) {
-      const int64_t l = i / z.P;
-      H[i] = static_cast<acc_t>(shapes[2 * l]);
-      W[i] = static_cast<acc_t>(shapes[2 * l + 1]);
-      H1[i] = static_cast<acc_t>(shapes[2 * l] - 1);
-      W1[i] = static_cast<acc_t>(shapes[2 * l + 1] - 1);
-      width[i] = static_cast<int32_t>(shapes[2 * l + 1]);
-      start[i] = static_cast<int32_t>(starts[l]);
-      level[i] = l;
-    }
-  }
-  std::vector<acc_t> H, W, H1, W1;  // H, W and H - 1, W - 1 as numbers
-  std::vector<int32_t> width, start;
-  std::vector<int64_t> level;
-};
 
 // One batch of located samples.
 template <typename acc_t>
@@ -147,7 +153,7 @@ MSDA_ALWAYS_INLINE void forward_rows(int64_t begin, int64_t end,
   const int64_t D = kD > 0 ? kD : z.D;
   const int64_t row = z.M * D;  // stride of one value position
   const int64_t LP = z.L * z.P;
-  const SampleLevels<acc_t> lv(a.shapes, a.starts, z);
+  const SampleLevels<acc_t>& lv = *a.levels;
   SampleBatch<acc_t> b{};
   ChannelBuffer<kD, acc_t> buffer(D);
   acc_t* __restrict__ acc = buffer.data();
@@ -211,7 +217,7 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
   const int64_t D = kD > 0 ? kD : z.D;
   const int64_t row = z.M * D;
   const int64_t LP = z.L * z.P;
-  const SampleLevels<acc_t> lv(a.shapes, a.starts, z);
+  const SampleLevels<acc_t>& lv = *a.levels;
   SampleBatch<acc_t> b{};
   ChannelBuffer<kD, acc_t> buffer(D);
   acc_t* __restrict__ g = buffer.data();
@@ -359,7 +365,8 @@ RangeFn<scalar_t, acc_t> select_kernel(int64_t D) {
 }
 
 template <typename scalar_t, typename acc_t>
-KernelArgs<scalar_t, acc_t> kernel_args(const MSDeformAttnArgs& a) {
+KernelArgs<scalar_t, acc_t> kernel_args(const MSDeformAttnArgs& a,
+                                        const SampleLevels<acc_t>& levels) {
   TORCH_CHECK_VALUE(a.sizes.S <= std::numeric_limits<int32_t>::max(),
                     "the CPU kernels support up to 2^31 - 1 value positions per image, got S = ",
                     a.sizes.S);
@@ -369,6 +376,7 @@ KernelArgs<scalar_t, acc_t> kernel_args(const MSDeformAttnArgs& a) {
   k.starts = a.level_start_index.data_ptr<int64_t>();
   k.loc = a.sampling_loc.data_ptr<acc_t>();
   k.attn = a.attn_weight.data_ptr<scalar_t>();
+  k.levels = &levels;
   k.z = a.sizes;
   return k;
 }
@@ -403,7 +411,8 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        auto k = kernel_args<scalar_t, acc_t>(a);
+        const SampleLevels<acc_t> levels(a);
+        auto k = kernel_args<scalar_t, acc_t>(a, levels);
         k.out = out.data_ptr<scalar_t>();
         const auto fn = select_kernel<Pass::kForward, scalar_t, acc_t>(z.D);
         // Rows are cheap to split: a few thousand samples per block.
@@ -425,7 +434,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          auto k = kernel_args<scalar_t, acc_t>(a);
+          const SampleLevels<acc_t> levels(a);
+          auto k = kernel_args<scalar_t, acc_t>(a, levels);
           k.grad_out = b.grad_output.data_ptr<scalar_t>();
           k.grad_value = b.grad_value.data_ptr<acc_t>();
           k.grad_loc = b.grad_loc.data_ptr<acc_t>();
