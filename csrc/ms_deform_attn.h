@@ -45,12 +45,15 @@ MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spati
 // Zero-filled outputs of the forward: [N, Lq, M * D] in the value dtype.
 at::Tensor forward_output(const MSDeformAttnArgs& a);
 
-// The backward's buffers: grad_output made contiguous in the value dtype, and zero-filled
-// gradients in the accumulation dtype (float32 for half inputs) that the kernels sum into.
+// The backward's buffers: grad_output made contiguous in the value dtype, and the gradients
+// in the accumulation dtype (float32 for half inputs). The kernels write every location and
+// weight gradient; the value gradient starts zero-filled where the kernels sum into it in
+// place (`value_grad_summed_in_place`), and uninitialised where they write all of it.
 struct BackwardBuffers {
   at::Tensor grad_output, grad_value, grad_loc, grad_attn;
 };
-BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& grad_output);
+BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& grad_output,
+                                 bool value_grad_summed_in_place);
 
 // The gradients cast back to the dtypes of value, sampling_loc and attn_weight as given.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(
