@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -459,8 +460,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
           k.grad_value = b.grad_value.data_ptr<acc_t>();
           k.grad_loc = b.grad_loc.data_ptr<acc_t>();
           k.grad_attn = b.grad_attn.data_ptr<acc_t>();
-          std::vector<acc_t> scratch(at::get_num_threads() * 2 * z.S * z.D);
-          k.scratch = scratch.data();
+          // Uninitialised: the pages of threads that get no task are never touched.
+          const std::unique_ptr<acc_t[]> scratch(
+              new acc_t[at::get_num_threads() * 2 * z.S * z.D]);
+          k.scratch = scratch.get();
           const auto fn = select_kernel<Pass::kBackward, scalar_t, acc_t>(z.D);
           // One (n, m) pair per block: its results do not depend on which thread runs it.
           parallel_blocks(z.N * z.M, 1, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
