@@ -1,7 +1,9 @@
 // CPU kernels of multi-scale deformable attention.
 //
-// Forward: parallel over (n, q) rows, in blocks handed out on demand; each (n, q, m)
-// accumulates its D channels in a local buffer. Backward: parallel over (n, m) pairs, each
+// Forward: one image at a time, its value first copied head-major ([M, S, D], in the
+// accumulation dtype); then parallel over (m, q) rows, in blocks handed out on demand, so
+// that a run of queries of one head reads only that head's slice, which stays in the
+// core's cache. Each (n, q, m) accumulates its D channels in a local buffer. Backward: parallel over (n, m) pairs, each
 // working on a contiguous copy of its head of value and of its gradient. Every write of a
 // task goes to memory only that task owns: grad_value[n, :, m, :] and the (n, :, m) slices
 // of the location and weight gradients. So the backward needs no atomics
@@ -78,6 +80,8 @@ struct KernelArgs {
   const int64_t* starts;
   const acc_t* loc;
   const scalar_t* attn;
+  const acc_t* head_value;   // forward: image n's value as [M, S, D]
+  int64_t n;                 // forward: the image
   scalar_t* out;             // forward
   const scalar_t* grad_out;  // backward
   acc_t* grad_value;         // backward, in acc_t so scattered sums keep precision
@@ -154,62 +158,59 @@ MSDA_ALWAYS_INLINE void forward_rows(int64_t begin, int64_t end,
                                      const KernelArgs<scalar_t, acc_t>& a) {
   const Sizes z = a.z;
   const int64_t D = kD > 0 ? kD : z.D;
-  const int64_t row = z.M * D;  // stride of one value position
+  const int64_t row = D;  // stride of one value position in head_value
   const int64_t LP = z.L * z.P;
   const SampleLevels<acc_t>& lv = *a.levels;
   SampleBatch<acc_t> b{};
   ChannelBuffer<kD, acc_t> buffer(D);
   acc_t* __restrict__ acc = buffer.data();
-  for (int64_t nq = begin; nq < end; ++nq) {
-    const int64_t n = nq / z.Lq;
-    for (int64_t m = 0; m < z.M; ++m) {
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0;
-      const scalar_t* v_nm = a.value + n * z.S * row + m * D;
-      const int64_t base = (nq * z.M + m) * LP;  // flat index of sample 0
-      for (int64_t i0 = 0; i0 < LP; i0 += SampleBatch<acc_t>::kCapacity) {
-        const int64_t count = std::min(LP - i0, SampleBatch<acc_t>::kCapacity);
-        locate<acc_t>(a.loc + 2 * (base + i0), i0, count, lv, b);
-        for (int64_t j = 0; j < count; ++j) {
-          if (b.kind[j] == kOutside) continue;
-          const int64_t s = base + i0 + j;
-          const acc_t w = static_cast<acc_t>(a.attn[s]);
-          if (b.kind[j] == kInterior) {
-            BilinearCorners<acc_t> c;
-            c.lh = b.lh[j];
-            c.lw = b.lw[j];
-            bilinear_weights<acc_t>(c);
-            const acc_t w0 = w * c.weight[0], w1 = w * c.weight[1];
-            const acc_t w2 = w * c.weight[2], w3 = w * c.weight[3];
-            const scalar_t* __restrict__ v0 = v_nm + b.pos[j] * row;
-            const scalar_t* __restrict__ v2 = v0 + lv.width[i0 + j] * row;
-            // The corner sum is formed before it meets acc, so consecutive samples do not
-            // wait on each other's additions.
-            for (int64_t d = 0; d < D; ++d) {
-              acc[d] += (w0 * static_cast<acc_t>(v0[d]) + w1 * static_cast<acc_t>(v0[d + row])) +
-                        (w2 * static_cast<acc_t>(v2[d]) + w3 * static_cast<acc_t>(v2[d + row]));
-            }
-            continue;
-          }
-          const int64_t l = lv.level[i0 + j];
+  for (int64_t r = begin; r < end; ++r) {  // rows (m, q) of image a.n
+    const int64_t m = r / z.Lq, nq = a.n * z.Lq + r % z.Lq;
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0;
+    const acc_t* v_nm = a.head_value + m * z.S * D;
+    const int64_t base = (nq * z.M + m) * LP;  // flat index of sample 0
+    for (int64_t i0 = 0; i0 < LP; i0 += SampleBatch<acc_t>::kCapacity) {
+      const int64_t count = std::min(LP - i0, SampleBatch<acc_t>::kCapacity);
+      locate<acc_t>(a.loc + 2 * (base + i0), i0, count, lv, b);
+      for (int64_t j = 0; j < count; ++j) {
+        if (b.kind[j] == kOutside) continue;
+        const int64_t s = base + i0 + j;
+        const acc_t w = static_cast<acc_t>(a.attn[s]);
+        if (b.kind[j] == kInterior) {
           BilinearCorners<acc_t> c;
-          // locate may round h or w differently (contracted multiply-add): its verdict
-          // "on a border" is re-checked here.
-          if (!bilinear_corners<acc_t>(a.loc[2 * s], a.loc[2 * s + 1], a.shapes[2 * l],
-                                       a.shapes[2 * l + 1], c)) {
-            continue;
+          c.lh = b.lh[j];
+          c.lw = b.lw[j];
+          bilinear_weights<acc_t>(c);
+          const acc_t w0 = w * c.weight[0], w1 = w * c.weight[1];
+          const acc_t w2 = w * c.weight[2], w3 = w * c.weight[3];
+          const acc_t* __restrict__ v0 = v_nm + b.pos[j] * row;
+          const acc_t* __restrict__ v2 = v0 + lv.width[i0 + j] * row;
+          // The corner sum is formed before it meets acc, so consecutive samples do not
+          // wait on each other's additions.
+          for (int64_t d = 0; d < D; ++d) {
+            acc[d] += (w0 * v0[d] + w1 * v0[d + row]) + (w2 * v2[d] + w3 * v2[d + row]);
           }
-          const scalar_t* v_l = v_nm + a.starts[l] * row;
-          for (int k = 0; k < 4; ++k) {
-            if (c.index[k] < 0) continue;
-            const acc_t wk = w * c.weight[k];
-            const scalar_t* __restrict__ v = v_l + c.index[k] * row;
-            for (int64_t d = 0; d < D; ++d) acc[d] += wk * static_cast<acc_t>(v[d]);
-          }
+          continue;
+        }
+        const int64_t l = lv.level[i0 + j];
+        BilinearCorners<acc_t> c;
+        // locate may round h or w differently (contracted multiply-add): its verdict
+        // "on a border" is re-checked here.
+        if (!bilinear_corners<acc_t>(a.loc[2 * s], a.loc[2 * s + 1], a.shapes[2 * l],
+                                     a.shapes[2 * l + 1], c)) {
+          continue;
+        }
+        const acc_t* v_l = v_nm + a.starts[l] * row;
+        for (int k = 0; k < 4; ++k) {
+          if (c.index[k] < 0) continue;
+          const acc_t wk = w * c.weight[k];
+          const acc_t* __restrict__ v = v_l + c.index[k] * row;
+          for (int64_t d = 0; d < D; ++d) acc[d] += wk * v[d];
         }
       }
-      scalar_t* o = a.out + (nq * z.M + m) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
     }
+    scalar_t* o = a.out + (nq * z.M + m) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
   }
 }
 
@@ -435,9 +436,23 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
         auto k = kernel_args<scalar_t, acc_t>(a, levels);
         k.out = out.data_ptr<scalar_t>();
         const auto fn = select_kernel<Pass::kForward, scalar_t, acc_t>(z.D);
+        const std::unique_ptr<acc_t[]> head_value(new acc_t[z.M * z.S * z.D]);
+        k.head_value = head_value.get();
         // Rows are cheap to split: a few thousand samples per block.
-        const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, z.M * z.L * z.P));
-        parallel_blocks(z.N * z.Lq, block, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
+        const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, z.L * z.P));
+        for (k.n = 0; k.n < z.N; ++k.n) {
+          const scalar_t* value_n = k.value + k.n * z.S * z.M * z.D;
+          at::parallel_for(0, z.S, 1024, [&](int64_t lo, int64_t hi) {
+            for (int64_t m = 0; m < z.M; ++m) {
+              for (int64_t p = lo; p < hi; ++p) {
+                const scalar_t* src = value_n + (p * z.M + m) * z.D;
+                acc_t* dst = head_value.get() + (m * z.S + p) * z.D;
+                for (int64_t d = 0; d < z.D; ++d) dst[d] = static_cast<acc_t>(src[d]);
+              }
+            }
+          });
+          parallel_blocks(z.M * z.Lq, block, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
+        }
       });
   return out;
 }
