@@ -1,9 +1,9 @@
 // CPU kernels of multi-scale deformable attention.
 //
-// Forward: one image at a time, its value first copied head-major ([M, S, D], in the
-// accumulation dtype); then parallel over (m, q) rows, in blocks handed out on demand, so
-// that a run of queries of one head reads only that head's slice, which stays in the
-// core's cache. Each (n, q, m) accumulates its D channels in a local buffer. Backward: parallel over (n, m) pairs, each
+// Forward: one image at a time, parallel over (m, q) rows, in blocks handed out on demand.
+// Where values are read many times (the encoder) the image's value is first copied
+// head-major ([M, S, D], in the accumulation dtype), so that a run of queries of one head
+// reads only that head's slice, which stays in the core's cache. Each (n, q, m) accumulates its D channels in a local buffer. Backward: parallel over (n, m) pairs, each
 // working on a contiguous copy of its head of value and of its gradient. Every write of a
 // task goes to memory only that task owns: grad_value[n, :, m, :] and the (n, :, m) slices
 // of the location and weight gradients. So the backward needs no atomics
@@ -25,6 +25,7 @@
 #include <atomic>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -80,8 +81,10 @@ struct KernelArgs {
   const int64_t* starts;
   const acc_t* loc;
   const scalar_t* attn;
-  const acc_t* head_value;   // forward: image n's value as [M, S, D]
-  int64_t n;                 // forward: the image
+  // Forward: image n's value, head m at head_value + m * head_stride, positions
+  // row_stride apart: a head-major copy ([M, S, D]) or, in float32/64, the value itself.
+  const acc_t* head_value;
+  int64_t head_stride, row_stride, n;
   scalar_t* out;             // forward
   const scalar_t* grad_out;  // backward
   acc_t* grad_value;         // backward, in acc_t so scattered sums keep precision
@@ -158,7 +161,7 @@ MSDA_ALWAYS_INLINE void forward_rows(int64_t begin, int64_t end,
                                      const KernelArgs<scalar_t, acc_t>& a) {
   const Sizes z = a.z;
   const int64_t D = kD > 0 ? kD : z.D;
-  const int64_t row = D;  // stride of one value position in head_value
+  const int64_t row = a.row_stride;
   const int64_t LP = z.L * z.P;
   const SampleLevels<acc_t>& lv = *a.levels;
   SampleBatch<acc_t> b{};
@@ -167,7 +170,7 @@ MSDA_ALWAYS_INLINE void forward_rows(int64_t begin, int64_t end,
   for (int64_t r = begin; r < end; ++r) {  // rows (m, q) of image a.n
     const int64_t m = r / z.Lq, nq = a.n * z.Lq + r % z.Lq;
     for (int64_t d = 0; d < D; ++d) acc[d] = 0;
-    const acc_t* v_nm = a.head_value + m * z.S * D;
+    const acc_t* v_nm = a.head_value + m * a.head_stride;
     const int64_t base = (nq * z.M + m) * LP;  // flat index of sample 0
     for (int64_t i0 = 0; i0 < LP; i0 += SampleBatch<acc_t>::kCapacity) {
       const int64_t count = std::min(LP - i0, SampleBatch<acc_t>::kCapacity);
@@ -385,6 +388,16 @@ RangeFn<scalar_t, acc_t> select_kernel(int64_t D) {
   }
 }
 
+// p itself where the types agree (no conversion needed), nullptr otherwise.
+template <typename acc_t, typename scalar_t>
+const acc_t* same_type_or_null(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return p;
+  } else {
+    return nullptr;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 KernelArgs<scalar_t, acc_t> kernel_args(const MSDeformAttnArgs& a,
                                         const SampleLevels<acc_t>& levels) {
@@ -436,21 +449,34 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
         auto k = kernel_args<scalar_t, acc_t>(a, levels);
         k.out = out.data_ptr<scalar_t>();
         const auto fn = select_kernel<Pass::kForward, scalar_t, acc_t>(z.D);
-        const std::unique_ptr<acc_t[]> head_value(new acc_t[z.M * z.S * z.D]);
-        k.head_value = head_value.get();
+        // The copy pays off where each value is sampled many times (the encoder: each
+        // position about L*P times per head), not for a few queries (the decoder); half
+        // values are always copied, as floats.
+        constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+        const bool copy = !kSameType || z.Lq * z.L * z.P >= z.S;
+        const std::unique_ptr<acc_t[]> head_value(copy ? new acc_t[z.M * z.S * z.D] : nullptr);
         // Rows are cheap to split: a few thousand samples per block.
         const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, z.L * z.P));
         for (k.n = 0; k.n < z.N; ++k.n) {
           const scalar_t* value_n = k.value + k.n * z.S * z.M * z.D;
-          at::parallel_for(0, z.S, 1024, [&](int64_t lo, int64_t hi) {
-            for (int64_t m = 0; m < z.M; ++m) {
-              for (int64_t p = lo; p < hi; ++p) {
-                const scalar_t* src = value_n + (p * z.M + m) * z.D;
-                acc_t* dst = head_value.get() + (m * z.S + p) * z.D;
-                for (int64_t d = 0; d < z.D; ++d) dst[d] = static_cast<acc_t>(src[d]);
+          if (copy) {
+            at::parallel_for(0, z.S, 1024, [&](int64_t lo, int64_t hi) {
+              for (int64_t m = 0; m < z.M; ++m) {
+                for (int64_t p = lo; p < hi; ++p) {
+                  const scalar_t* src = value_n + (p * z.M + m) * z.D;
+                  acc_t* dst = head_value.get() + (m * z.S + p) * z.D;
+                  for (int64_t d = 0; d < z.D; ++d) dst[d] = static_cast<acc_t>(src[d]);
+                }
               }
-            }
-          });
+            });
+            k.head_value = head_value.get();
+            k.head_stride = z.S * z.D;
+            k.row_stride = z.D;
+          } else {
+            k.head_value = same_type_or_null<acc_t>(value_n);
+            k.head_stride = z.D;
+            k.row_stride = z.M * z.D;
+          }
           parallel_blocks(z.M * z.Lq, block, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
         }
       });
