@@ -120,6 +120,17 @@ struct ChannelBuffer<0, acc_t> {
 // border go through bilinear_corners with its per-corner checks.
 enum SampleKind : int8_t { kOutside = 0, kInterior = 1, kBorder = 2 };
 
+// Positions [lo, hi) of head m of one image's value ([S, M, D]) into head ([S, D]), as
+// acc_t: the kernels' contiguous working copies.
+template <typename scalar_t, typename acc_t>
+MSDA_ALWAYS_INLINE void copy_head(const scalar_t* value_n, int64_t m, int64_t lo, int64_t hi,
+                                  const Sizes& z, acc_t* head) {
+  for (int64_t p = lo; p < hi; ++p) {
+    const scalar_t* src = value_n + (p * z.M + m) * z.D;
+    for (int64_t d = 0; d < z.D; ++d) head[p * z.D + d] = static_cast<acc_t>(src[d]);
+  }
+}
+
 // One batch of located samples.
 template <typename acc_t>
 struct SampleBatch {
@@ -240,12 +251,7 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
   const int64_t row = D;  // stride of one position in the copies
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / z.M, m = nm % z.M;
-    const scalar_t* value_nm = a.value + n * z.S * z.M * D + m * D;
-    for (int64_t p = 0; p < z.S; ++p) {
-      const scalar_t* src = value_nm + p * z.M * D;
-      acc_t* dst = head_value + p * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
-    }
+    copy_head(a.value + n * z.S * z.M * D, m, 0, z.S, z, head_value);
     std::fill_n(head_grad, z.S * D, acc_t(0));
     const acc_t* v_nm = head_value;
     acc_t* gv_nm = head_grad;
@@ -481,11 +487,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
           if (copy) {
             at::parallel_for(0, z.S, 1024, [&](int64_t lo, int64_t hi) {
               for (int64_t m = 0; m < z.M; ++m) {
-                for (int64_t p = lo; p < hi; ++p) {
-                  const scalar_t* src = value_n + (p * z.M + m) * z.D;
-                  acc_t* dst = head_value.get() + (m * z.S + p) * z.D;
-                  for (int64_t d = 0; d < z.D; ++d) dst[d] = static_cast<acc_t>(src[d]);
-                }
+                copy_head(value_n, m, lo, hi, z, head_value.get() + m * z.S * z.D);
               }
             });
             k.head_value = head_value.get();
