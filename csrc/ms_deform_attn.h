@@ -42,7 +42,8 @@ MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spati
                                 const at::Tensor& level_start_index,
                                 const at::Tensor& sampling_loc, const at::Tensor& attn_weight);
 
-// Zero-filled outputs of the forward: [N, Lq, M * D] in the value dtype.
+// The forward's output, [N, Lq, M * D] in the value dtype: uninitialised, as the kernels
+// write all of it, or zeros when there is no work.
 at::Tensor forward_output(const MSDeformAttnArgs& a);
 
 // The backward's buffers: grad_output made contiguous in the value dtype, and the gradients

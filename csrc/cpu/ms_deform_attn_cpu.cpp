@@ -3,12 +3,14 @@
 // Forward: one image at a time, parallel over (m, q) rows, in blocks handed out on demand.
 // Where values are read many times (the encoder) the image's value is first copied
 // head-major ([M, S, D], in the accumulation dtype), so that a run of queries of one head
-// reads only that head's slice, which stays in the core's cache. Each (n, q, m) accumulates its D channels in a local buffer. Backward: parallel over (n, m) pairs, each
-// working on a contiguous copy of its head of value and of its gradient. Every write of a
-// task goes to memory only that task owns: grad_value[n, :, m, :] and the (n, :, m) slices
-// of the location and weight gradients. So the backward needs no atomics
-// and sums in a fixed order: results are bit-identical from run to run and for any number
-// of threads.
+// reads only that head's slice, which stays in the core's cache. Each (n, q, m) accumulates
+// its D channels in a local buffer.
+//
+// Backward: parallel over (n, m) pairs, each working on a contiguous copy of its head of
+// value and of its gradient. Every write of a task goes to memory only that task owns:
+// grad_value[n, :, m, :] and the (n, :, m) slices of the location and weight gradients. So
+// the backward needs no atomics and sums in a fixed order: results are bit-identical from
+// run to run and for any number of threads.
 //
 // Speed: per sample, the location arithmetic costs as much as the channel loop, so both are
 // vectorised. `locate` turns the L*P locations of a (query, head) into corner positions in
