@@ -122,6 +122,24 @@ struct ChannelBuffer<0, acc_t> {
 // border go through bilinear_corners with its per-corner checks.
 enum SampleKind : int8_t { kOutside = 0, kInterior = 1, kBorder = 2 };
 
+// The kernels walk one head at a time: along its queries they read the locations, weights
+// (and output gradients) of consecutive queries M*L*P samples apart, and a head copy reads
+// value rows M*D apart. The hardware prefetchers lose such strides at every page boundary
+// (measured: the load of a row's first weight took 40% of the forward's time), so each step
+// asks for the data of the step kPrefetchRows ahead.
+constexpr int64_t kPrefetchRows = 4;
+
+// Prefetches the cache lines of p[0, count), for reading or (kWrite) for writing.
+template <bool kWrite = false, typename T>
+MSDA_ALWAYS_INLINE void prefetch_range(const T* p, int64_t count) {
+#if defined(__GNUC__)
+  const char* begin = reinterpret_cast<const char*>(p);
+  const char* end = reinterpret_cast<const char*>(p + count);
+  for (const char* c = begin; c < end; c += 64) __builtin_prefetch(c, kWrite);
+  __builtin_prefetch(end - 1, kWrite);
+#endif
+}
+
 // Positions [lo, hi) of head m of one image's value ([S, M, D]) into head ([S, D]), as
 // acc_t: the kernels' contiguous working copies.
 template <typename scalar_t, typename acc_t>
@@ -129,6 +147,7 @@ MSDA_ALWAYS_INLINE void copy_head(const scalar_t* value_n, int64_t m, int64_t lo
                                   const Sizes& z, acc_t* head) {
   for (int64_t p = lo; p < hi; ++p) {
     const scalar_t* src = value_n + (p * z.M + m) * z.D;
+    if (p + kPrefetchRows < hi) prefetch_range(src + kPrefetchRows * z.M * z.D, z.D);
     for (int64_t d = 0; d < z.D; ++d) head[p * z.D + d] = static_cast<acc_t>(src[d]);
   }
 }
@@ -189,6 +208,11 @@ MSDA_ALWAYS_INLINE void forward_rows(int64_t begin, int64_t end,
     for (int64_t d = 0; d < D; ++d) acc[d] = 0;
     const acc_t* v_nm = a.head_value + m * a.head_stride;
     const int64_t base = (nq * z.M + m) * LP;  // flat index of sample 0
+    if (r + kPrefetchRows < end && (r + kPrefetchRows) / z.Lq == m) {
+      const int64_t ahead = base + kPrefetchRows * z.M * LP;
+      prefetch_range(a.loc + 2 * ahead, 2 * LP);
+      prefetch_range(a.attn + ahead, LP);
+    }
     for (int64_t i0 = 0; i0 < LP; i0 += SampleBatch<acc_t>::kCapacity) {
       const int64_t count = std::min(LP - i0, SampleBatch<acc_t>::kCapacity);
       locate<acc_t>(a.loc + 2 * (base + i0), i0, count, lv, b);
@@ -259,6 +283,14 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
     acc_t* gv_nm = head_grad;
     for (int64_t q = 0; q < z.Lq; ++q) {
       const int64_t nqm = (n * z.Lq + q) * z.M + m;
+      if (q + kPrefetchRows < z.Lq) {
+        const int64_t ahead = nqm + kPrefetchRows * z.M;
+        prefetch_range(a.grad_out + ahead * D, D);
+        prefetch_range(a.loc + 2 * ahead * LP, 2 * LP);
+        prefetch_range(a.attn + ahead * LP, LP);
+        prefetch_range<true>(a.grad_loc + 2 * ahead * LP, 2 * LP);
+        prefetch_range<true>(a.grad_attn + ahead * LP, LP);
+      }
       const scalar_t* go = a.grad_out + nqm * D;
       for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
       const int64_t base = nqm * LP;
@@ -478,29 +510,36 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
         const auto fn = select_kernel<Pass::kForward, scalar_t, acc_t>(z.D);
         // The copy pays off where each value is sampled many times (the encoder: each
         // position about L*P times per head), not for a few queries (the decoder); half
-        // values are always copied, as floats.
+        // values are always copied, as floats. One head at a time: a run of queries of
+        // that head then reads a buffer the size of a head's value (the encoder's: 2.8 MiB),
+        // fresh from the copy and reused for every head, instead of a copy of the whole
+        // value whose pages would be new (zero-filled by the kernel) on every call.
         constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
         const bool copy = !kSameType || z.Lq * z.L * z.P >= z.S;
-        const std::unique_ptr<acc_t[]> head_value(copy ? new acc_t[z.M * z.S * z.D] : nullptr);
+        const std::unique_ptr<acc_t[]> head_value(copy ? new acc_t[z.S * z.D] : nullptr);
         // Rows are cheap to split: a few thousand samples per block.
         const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, z.L * z.P));
         for (k.n = 0; k.n < z.N; ++k.n) {
           const scalar_t* value_n = k.value + k.n * z.S * z.M * z.D;
-          if (copy) {
-            at::parallel_for(0, z.S, 1024, [&](int64_t lo, int64_t hi) {
-              for (int64_t m = 0; m < z.M; ++m) {
-                copy_head(value_n, m, lo, hi, z, head_value.get() + m * z.S * z.D);
-              }
-            });
-            k.head_value = head_value.get();
-            k.head_stride = z.S * z.D;
-            k.row_stride = z.D;
-          } else {
+          if (!copy) {
             k.head_value = same_type_or_null<acc_t>(value_n);
             k.head_stride = z.D;
             k.row_stride = z.M * z.D;
+            parallel_blocks(z.M * z.Lq, block, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
+            continue;
           }
-          parallel_blocks(z.M * z.Lq, block, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
+          // Every head finds its values at head_value.
+          k.head_value = head_value.get();
+          k.head_stride = 0;
+          k.row_stride = z.D;
+          for (int64_t m = 0; m < z.M; ++m) {
+            at::parallel_for(0, z.S, 2048, [&](int64_t lo, int64_t hi) {
+              copy_head(value_n, m, lo, hi, z, head_value.get());
+            });
+            parallel_blocks(z.Lq, block, [&](int64_t lo, int64_t hi) {
+              fn(m * z.Lq + lo, m * z.Lq + hi, k);
+            });
+          }
         }
       });
   return out;
