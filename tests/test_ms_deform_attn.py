@@ -80,8 +80,8 @@ def test_float64_batch_heads_points(device, N, M, P):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("D", [8, 32, 71])
-# The CPU forward reads the value in place for few queries (Lq * L * P < S = 120) and from
-# a head-major copy for many: both paths.
+# The CPU kernels read the value (and sum its gradient) in place for few queries
+# (Lq * L * P < S = 120) and work on per-head copies for many: both paths.
 @pytest.mark.parametrize("Lq", [2, 20])
 def test_float32(device, D, Lq):
     inputs = make_inputs(LEVELS[3], N=2, M=8, D=D, P=4, Lq=Lq, dtype=torch.float32,

@@ -96,7 +96,7 @@ struct KernelArgs {
   acc_t* grad_value;         // backward, in acc_t so scattered sums keep precision
   acc_t* grad_loc;
   acc_t* grad_attn;
-  acc_t* scratch;            // backward: 2 * S * D per thread
+  acc_t* scratch;            // backward: 2 * S * D per thread, or null to work in place
   const SampleLevels<acc_t>* levels;
   Sizes z;
 };
@@ -138,6 +138,24 @@ MSDA_ALWAYS_INLINE void prefetch_range(const T* p, int64_t count) {
   for (const char* c = begin; c < end; c += 64) __builtin_prefetch(c, kWrite);
   __builtin_prefetch(end - 1, kWrite);
 #endif
+}
+
+// p itself where the types agree (no conversion needed), nullptr otherwise.
+template <typename acc_t, typename scalar_t>
+const acc_t* same_type_or_null(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return p;
+  } else {
+    return nullptr;
+  }
+}
+
+// Whether the kernels work on per-head copies of the value: where each value is sampled
+// many times (the encoder: each position about L*P times per head), not for a few queries
+// (the decoder); half values are always copied, as floats, so that the kernels read one type.
+bool copies_heads(const MSDeformAttnArgs& a) {
+  const Sizes& z = a.sizes;
+  return a.value.scalar_type() != a.sampling_loc.scalar_type() || z.Lq * z.L * z.P >= z.S;
 }
 
 // Positions [lo, hi) of head m of one image's value ([S, M, D]) into head ([S, D]), as
@@ -268,19 +286,27 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
   SampleBatch<acc_t> b{};
   ChannelBuffer<kD, acc_t> buffer(D);
   acc_t* __restrict__ g = buffer.data();
-  // The task's head of value and its gradient, as contiguous [S, D] copies. In the [S, M, D]
-  // layout every position of one head sits in its own M*D row, so the scattered reads and
-  // sums would touch M times more cache lines and pages than they use (measured: twice as
-  // slow at the encoder shape, from TLB misses). One strided pass in and one out is cheaper.
-  acc_t* head_value = a.scratch + at::get_thread_num() * 2 * z.S * D;
-  acc_t* head_grad = head_value + z.S * D;
-  const int64_t row = D;  // stride of one position in the copies
+  // With scratch (see copies_heads), the task's head of value and its gradient are
+  // contiguous [S, D] copies. In the [S, M, D] layout every position of one head sits in its
+  // own M*D row, so the scattered reads and sums would touch M times more cache lines and
+  // pages than they use (measured: twice as slow at the encoder shape, from TLB misses).
+  // Where there are few samples (the decoder) the copies cost more than they save, and the
+  // task reads value and sums into the zero-filled grad_value in place.
+  acc_t* head_value = a.scratch ? a.scratch + at::get_thread_num() * 2 * z.S * D : nullptr;
+  acc_t* head_grad = a.scratch ? head_value + z.S * D : nullptr;
+  const int64_t row = a.scratch ? D : z.M * D;  // stride of one position
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / z.M, m = nm % z.M;
-    copy_head(a.value + n * z.S * z.M * D, m, 0, z.S, z, head_value);
-    std::fill_n(head_grad, z.S * D, acc_t(0));
+    const int64_t offset_nm = n * z.S * z.M * D + m * D;  // value[n, 0, m, 0]
     const acc_t* v_nm = head_value;
     acc_t* gv_nm = head_grad;
+    if (a.scratch) {
+      copy_head(a.value + n * z.S * z.M * D, m, 0, z.S, z, head_value);
+      std::fill_n(head_grad, z.S * D, acc_t(0));
+    } else {
+      v_nm = same_type_or_null<acc_t>(a.value) + offset_nm;
+      gv_nm = a.grad_value + offset_nm;
+    }
     for (int64_t q = 0; q < z.Lq; ++q) {
       const int64_t nqm = (n * z.Lq + q) * z.M + m;
       if (q + kPrefetchRows < z.Lq) {
@@ -372,7 +398,8 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
         }
       }
     }
-    acc_t* grad_nm = a.grad_value + n * z.S * z.M * D + m * D;
+    if (!a.scratch) continue;
+    acc_t* grad_nm = a.grad_value + offset_nm;
     for (int64_t p = 0; p < z.S; ++p) {
       std::copy_n(head_grad + p * D, D, grad_nm + p * z.M * D);
     }
@@ -446,16 +473,6 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// p itself where the types agree (no conversion needed), nullptr otherwise.
-template <typename acc_t, typename scalar_t>
-const acc_t* same_type_or_null(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return p;
-  } else {
-    return nullptr;
-  }
-}
-
 template <typename scalar_t, typename acc_t>
 KernelArgs<scalar_t, acc_t> kernel_args(const MSDeformAttnArgs& a,
                                         const SampleLevels<acc_t>& levels) {
@@ -508,14 +525,11 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
         auto k = kernel_args<scalar_t, acc_t>(a, levels);
         k.out = out.data_ptr<scalar_t>();
         const auto fn = select_kernel<Pass::kForward, scalar_t, acc_t>(z.D);
-        // The copy pays off where each value is sampled many times (the encoder: each
-        // position about L*P times per head), not for a few queries (the decoder); half
-        // values are always copied, as floats. One head at a time: a run of queries of
-        // that head then reads a buffer the size of a head's value (the encoder's: 2.8 MiB),
-        // fresh from the copy and reused for every head, instead of a copy of the whole
-        // value whose pages would be new (zero-filled by the kernel) on every call.
-        constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
-        const bool copy = !kSameType || z.Lq * z.L * z.P >= z.S;
+        // One head at a time: a run of queries of that head then reads a buffer the size
+        // of a head's value (the encoder's: 2.8 MiB), fresh from the copy and reused for
+        // every head, instead of a copy of the whole value whose pages would be new
+        // (zero-filled by the kernel) on every call.
+        const bool copy = copies_heads(a);
         const std::unique_ptr<acc_t[]> head_value(copy ? new acc_t[z.S * z.D] : nullptr);
         // Rows are cheap to split: a few thousand samples per block.
         const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, z.L * z.P));
@@ -554,6 +568,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   auto b = backward_buffers(a, grad_output, /*value_grad_summed_in_place=*/false);
   if (!a.empty()) {
     for (const auto* t : {&b.grad_value, &b.grad_loc, &b.grad_attn}) advise_huge_pages(*t);
+    const bool copy = copies_heads(a);
+    // In place, the kernels sum into grad_value: zeroed here, after the advice, so that
+    // zeroing it is what first touches its (huge) pages.
+    if (!copy) b.grad_value.zero_();
     const Sizes& z = a.sizes;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
@@ -566,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
           k.grad_attn = b.grad_attn.data_ptr<acc_t>();
           // Uninitialised: the pages of threads that get no task are never touched.
           const std::unique_ptr<acc_t[]> scratch(
-              new acc_t[at::get_num_threads() * 2 * z.S * z.D]);
+              copy ? new acc_t[at::get_num_threads() * 2 * z.S * z.D] : nullptr);
           k.scratch = scratch.get();
           const auto fn = select_kernel<Pass::kBackward, scalar_t, acc_t>(z.D);
           // One (n, m) pair per block: its results do not depend on which thread runs it.
