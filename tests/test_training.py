@@ -169,8 +169,8 @@ def test_two_process_gloo_training(tmp_path, datasets_root):
     # training (the published hidden_dim 256 has 8 channels per group and never hits this).
     rc, log = finish(train_net(
         ["--num-gpus", "2", "--dist-url", "auto", "--config-file", CONFIG, *TINY,
-         "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", "()",
-         "OUTPUT_DIR", out], datasets_root))
+         "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100",
+         "DATASETS.TEST", "()", "OUTPUT_DIR", out], datasets_root))
     assert rc == 0, log[-5000:]
     assert "World size: 2" in log, log[-5000:]
     assert os.path.exists(os.path.join(out, "model_final.pth")), log[-5000:]

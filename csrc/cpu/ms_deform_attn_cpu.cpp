@@ -1,16 +1,17 @@
 // CPU kernels of multi-scale deformable attention.
 //
 // Forward: one image at a time, parallel over (m, q) rows, in blocks handed out on demand.
-// Where values are read many times (the encoder) the image's value is first copied
-// head-major ([M, S, D], in the accumulation dtype), so that a run of queries of one head
-// reads only that head's slice, which stays in the core's cache. Each (n, q, m) accumulates
-// its D channels in a local buffer.
+// Where values are read many times (the encoder) it goes one head at a time, first copying
+// that head's value into a contiguous [S, D] buffer in the accumulation dtype, so that a run
+// of queries of the head reads only that slice, which stays in the core's cache. Each
+// (n, q, m) accumulates its D channels in a local buffer.
 //
-// Backward: parallel over (n, m) pairs, each working on a contiguous copy of its head of
-// value and of its gradient. Every write of a task goes to memory only that task owns:
-// grad_value[n, :, m, :] and the (n, :, m) slices of the location and weight gradients. So
-// the backward needs no atomics and sums in a fixed order: results are bit-identical from
-// run to run and for any number of threads.
+// Backward: parallel over (n, m) pairs. In the encoder each works on contiguous copies of
+// its head of value and of its gradient; with few queries (the decoder) it reads the value
+// and sums into the zero-filled gradient in place. Every write of a task goes to memory only
+// that task owns: grad_value[n, :, m, :] and the (n, :, m) slices of the location and weight
+// gradients. So the backward needs no atomics and sums in a fixed order: results are
+// bit-identical from run to run and for any number of threads.
 //
 // Speed: per sample, the location arithmetic costs as much as the channel loop, so both are
 // vectorised. `locate` turns the L*P locations of a (query, head) into corner positions in
@@ -87,8 +88,9 @@ struct KernelArgs {
   const int64_t* starts;
   const acc_t* loc;
   const scalar_t* attn;
-  // Forward: image n's value, head m at head_value + m * head_stride, positions
-  // row_stride apart: a head-major copy ([M, S, D]) or, in float32/64, the value itself.
+  // Forward: image n's value of head m at head_value + m * head_stride, positions
+  // row_stride apart: the copy of the head being worked on (head_stride 0) or, in
+  // float32/64, the value itself.
   const acc_t* head_value;
   int64_t head_stride, row_stride, n;
   scalar_t* out;             // forward
