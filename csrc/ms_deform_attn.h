@@ -47,14 +47,13 @@ MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spati
 at::Tensor forward_output(const MSDeformAttnArgs& a);
 
 // The backward's buffers: grad_output made contiguous in the value dtype, and the gradients
-// in the accumulation dtype (float32 for half inputs). The kernels write every location and
-// weight gradient; the value gradient starts zero-filled where the kernels sum into it in
-// place (`value_grad_summed_in_place`), and uninitialised where they write all of it.
+// in the accumulation dtype (float32 for half inputs), uninitialised where there is work
+// (zeros otherwise). The kernels write every location and weight gradient; a kernel that
+// sums into grad_value in place zeroes it first.
 struct BackwardBuffers {
   at::Tensor grad_output, grad_value, grad_loc, grad_attn;
 };
-BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& grad_output,
-                                 bool value_grad_summed_in_place);
+BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& grad_output);
 
 // The gradients cast back to the dtypes of value, sampling_loc and attn_weight as given.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_result(

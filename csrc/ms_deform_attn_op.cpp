@@ -77,8 +77,7 @@ at::Tensor forward_output(const MSDeformAttnArgs& a) {
                    : at::empty({z.N, z.Lq, z.M * z.D}, a.value.options());
 }
 
-BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& grad_output,
-                                 bool value_grad_summed_in_place) {
+BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& grad_output) {
   const Sizes& z = a.sizes;
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({z.N, z.Lq, z.M * z.D}),
                     "grad_output must be [N, Lq, M*D] = [", z.N, ", ", z.Lq, ", ", z.M * z.D,
@@ -92,9 +91,7 @@ BackwardBuffers backward_buffers(const MSDeformAttnArgs& a, const at::Tensor& gr
   const auto make = [&](at::IntArrayRef sizes, const at::TensorOptions& options) {
     return a.empty() ? at::zeros(sizes, options) : at::empty(sizes, options);
   };
-  const auto value_options = a.value.options().dtype(acc);
-  b.grad_value = value_grad_summed_in_place ? at::zeros(a.value.sizes(), value_options)
-                                            : make(a.value.sizes(), value_options);
+  b.grad_value = make(a.value.sizes(), a.value.options().dtype(acc));
   b.grad_loc = make(a.sampling_loc.sizes(), a.sampling_loc.options());
   b.grad_attn = make(a.attn_weight.sizes(), a.attn_weight.options().dtype(acc));
   return b;

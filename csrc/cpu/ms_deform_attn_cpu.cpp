@@ -300,14 +300,11 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / z.M, m = nm % z.M;
     const int64_t offset_nm = n * z.S * z.M * D + m * D;  // value[n, 0, m, 0]
-    const acc_t* v_nm = head_value;
-    acc_t* gv_nm = head_grad;
+    const acc_t* v_nm = a.scratch ? head_value : same_type_or_null<acc_t>(a.value) + offset_nm;
+    acc_t* gv_nm = a.scratch ? head_grad : a.grad_value + offset_nm;
     if (a.scratch) {
       copy_head(a.value + n * z.S * z.M * D, m, 0, z.S, z, head_value);
       std::fill_n(head_grad, z.S * D, acc_t(0));
-    } else {
-      v_nm = same_type_or_null<acc_t>(a.value) + offset_nm;
-      gv_nm = a.grad_value + offset_nm;
     }
     for (int64_t q = 0; q < z.Lq; ++q) {
       const int64_t nqm = (n * z.Lq + q) * z.M + m;
@@ -568,7 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& attn_weight, const at::Tensor& grad_output) {
   const auto a =
       prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
-  auto b = backward_buffers(a, grad_output, /*value_grad_summed_in_place=*/false);
+  auto b = backward_buffers(a, grad_output);
   if (!a.empty()) {
     for (const auto* t : {&b.grad_value, &b.grad_loc, &b.grad_attn}) advise_huge_pages(*t);
     const bool copy = copies_heads(a);

@@ -149,8 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const c10::cuda::CUDAGuard guard(value.device());
   const auto a =
       prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
-  auto b = backward_buffers(a, grad_output, /*value_grad_summed_in_place=*/true);
+  auto b = backward_buffers(a, grad_output);
   if (!a.empty()) {
+    b.grad_value.zero_();  // the kernel sums into it with atomicAdd
     const Sizes& z = a.sizes;
     const int64_t total = z.N * z.Lq * z.M * z.L * z.P;
     auto stream = c10::cuda::getCurrentCUDAStream();
