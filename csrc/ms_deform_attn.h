@@ -5,10 +5,19 @@
 //   value               [N, S, M, D]          float64/float32/float16/bfloat16
 //   spatial_shapes      [L, 2] int64 (H, W)
 //   level_start_index   [L] int64
-//   sampling_loc        [N, Lq, M, L, P, 2]   (x, y) in [0, 1]; the value dtype, or float32
-//                                             when the value is float16/bfloat16
-//   attn_weight         [N, Lq, M, L, P]      the value dtype
+//   sampling_loc        [N, Lq, M, L, P, 2]   (x, y) in [0, 1]
+//   attn_weight         [N, Lq, M, L, P]
 //   output              [N, Lq, M * D]        the value dtype
+//
+// Dtypes: the locations and weights each have the value's dtype or, under a float16/bfloat16
+// value, float32 (what autocast produces: a half-precision linear layer feeds the value, a
+// float32 softmax the weights). The kernels see them in the accumulation dtype (float32 for
+// half values, else the value's), and the gradients come back in each input's own dtype.
+//
+// Memory safety never depends on the contents of spatial_shapes and level_start_index: the
+// kernels treat a level whose (H, W, start) does not fit inside [0, S) as empty (its samples
+// contribute nothing), so inconsistent shapes give wrong numbers but no out-of-bounds access.
+// The checks here read sizes only, never tensor contents (no device-to-host copy).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,8 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& attn_weight, const at::Tensor& grad_output);
 
 // Checks what the kernels rely on for memory safety (ranks, sizes, dtypes, devices) and
-// returns the inputs made contiguous, with the sampling locations in the accumulation
-// dtype (float32 for half inputs). The friendlier checks live in the Python wrapper.
+// returns the inputs made contiguous, with the sampling locations and attention weights in
+// the accumulation dtype. The friendlier checks live in the Python wrapper.
 struct MSDeformAttnArgs {
   at::Tensor value, spatial_shapes, level_start_index, sampling_loc, attn_weight;
   Sizes sizes;
@@ -49,7 +58,7 @@ at::Tensor forward_output(const MSDeformAttnArgs& a);
 // The backward's buffers: grad_output made contiguous in the value dtype, and the gradients
 // in the accumulation dtype (float32 for half inputs), uninitialised where there is work
 // (zeros otherwise). The kernels write every location and weight gradient; a kernel that
-// sums into grad_value in place zeroes it first.
+// sums into grad_value zeroes it first.
 struct BackwardBuffers {
   at::Tensor grad_output, grad_value, grad_loc, grad_attn;
 };

@@ -24,6 +24,13 @@ struct Sizes {
   int64_t N, S, M, D, Lq, L, P;
 };
 
+// Whether a level of size H x W starting at position `start` lies inside [0, S). The kernels
+// treat any other level as empty, whatever spatial_shapes and level_start_index hold, so that
+// they never address memory outside the value. Overflow-free for any int64 inputs.
+MSDA_HOST_DEVICE bool level_in_bounds(int64_t H, int64_t W, int64_t start, int64_t S) {
+  return H > 0 && W > 0 && start >= 0 && start <= S && H <= S && W <= S && H * W <= S - start;
+}
+
 // The four corners of one bilinear sample: flat spatial indices into a level (row-major
 // h * W + w, -1 where the corner is outside the map) and their interpolation weights.
 template <typename acc_t>

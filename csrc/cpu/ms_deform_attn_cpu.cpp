@@ -67,13 +67,20 @@ struct SampleLevels {
     level.resize(z.L * z.P);
     for (int64_t i = 0; i < z.L * z.P; ++i) {
       const int64_t l = i / z.P;
-      H[i] = static_cast<acc_t>(shapes[2 * l]);
-      W[i] = static_cast<acc_t>(shapes[2 * l + 1]);
-      H1[i] = static_cast<acc_t>(shapes[2 * l] - 1);
-      W1[i] = static_cast<acc_t>(shapes[2 * l + 1] - 1);
-      width[i] = static_cast<int32_t>(shapes[2 * l + 1]);
-      start[i] = static_cast<int32_t>(starts[l]);
+      const int64_t h = shapes[2 * l], w = shapes[2 * l + 1];
       level[i] = l;
+      if (!level_in_bounds(h, w, starts[l], z.S)) {
+        // An empty level: no h satisfies -1 < h < H = -1, so every sample is outside.
+        H[i] = W[i] = H1[i] = W1[i] = acc_t(-1);
+        width[i] = start[i] = 0;
+        continue;
+      }
+      H[i] = static_cast<acc_t>(h);
+      W[i] = static_cast<acc_t>(w);
+      H1[i] = static_cast<acc_t>(h - 1);
+      W1[i] = static_cast<acc_t>(w - 1);
+      width[i] = static_cast<int32_t>(w);
+      start[i] = static_cast<int32_t>(starts[l]);
     }
   }
   std::vector<acc_t> H, W, H1, W1;  // H, W and H - 1, W - 1 as numbers
@@ -87,7 +94,7 @@ struct KernelArgs {
   const int64_t* shapes;
   const int64_t* starts;
   const acc_t* loc;
-  const scalar_t* attn;
+  const acc_t* attn;
   // Forward: image n's value of head m at head_value + m * head_stride, positions
   // row_stride apart: the copy of the head being worked on (head_stride 0) or, in
   // float32/64, the value itself.
@@ -239,7 +246,7 @@ MSDA_ALWAYS_INLINE void forward_rows(int64_t begin, int64_t end,
       for (int64_t j = 0; j < count; ++j) {
         if (b.kind[j] == kOutside) continue;
         const int64_t s = base + i0 + j;
-        const acc_t w = static_cast<acc_t>(a.attn[s]);
+        const acc_t w = a.attn[s];
         if (b.kind[j] == kInterior) {
           BilinearCorners<acc_t> c;
           c.lh = b.lh[j];
@@ -337,7 +344,7 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
             a.grad_loc[2 * s] = a.grad_loc[2 * s + 1] = 0;
             continue;
           }
-          const acc_t w = static_cast<acc_t>(a.attn[s]);
+          const acc_t w = a.attn[s];
           // dot[k] = <grad_out, value at corner k>: enough for both the weight and the
           // location gradients.
           acc_t dot[4] = {0, 0, 0, 0};
@@ -475,15 +482,12 @@ void advise_huge_pages(const at::Tensor& t) {
 template <typename scalar_t, typename acc_t>
 KernelArgs<scalar_t, acc_t> kernel_args(const MSDeformAttnArgs& a,
                                         const SampleLevels<acc_t>& levels) {
-  TORCH_CHECK_VALUE(a.sizes.S <= std::numeric_limits<int32_t>::max(),
-                    "the CPU kernels support up to 2^31 - 1 value positions per image, got S = ",
-                    a.sizes.S);
   KernelArgs<scalar_t, acc_t> k{};
   k.value = a.value.data_ptr<scalar_t>();
   k.shapes = a.spatial_shapes.data_ptr<int64_t>();
   k.starts = a.level_start_index.data_ptr<int64_t>();
   k.loc = a.sampling_loc.data_ptr<acc_t>();
-  k.attn = a.attn_weight.data_ptr<scalar_t>();
+  k.attn = a.attn_weight.data_ptr<acc_t>();
   k.levels = &levels;
   k.z = a.sizes;
   return k;

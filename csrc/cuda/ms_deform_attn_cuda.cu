@@ -19,6 +19,18 @@
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_sampling.h"
 
+// The launch, library and dispatch key are macros so that the test-only CUDA emulator
+// (tests/cuda_emulation) can compile this file unchanged for the CPU.
+#ifndef MSDA_LAUNCH
+#define MSDA_LAUNCH(kernel, blocks, threads, stream) kernel<<<blocks, threads, 0, stream>>>
+#endif
+#ifndef MSDA_CUDA_LIBRARY
+#define MSDA_CUDA_LIBRARY deformable_detr
+#endif
+#ifndef MSDA_CUDA_DISPATCH_KEY
+#define MSDA_CUDA_DISPATCH_KEY CUDA
+#endif
+
 namespace deformable_detr {
 namespace {
 
@@ -37,7 +49,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ value,
                                const int64_t* __restrict__ shapes,
                                const int64_t* __restrict__ starts,
-                               const acc_t* __restrict__ loc, const scalar_t* __restrict__ attn,
+                               const acc_t* __restrict__ loc, const acc_t* __restrict__ attn,
                                scalar_t* __restrict__ out, Sizes z) {
   const int64_t total = z.N * z.Lq * z.M * z.D;
   const int64_t row = z.M * z.D;
@@ -72,7 +84,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ value,
                                 const int64_t* __restrict__ shapes,
                                 const int64_t* __restrict__ starts,
                                 const acc_t* __restrict__ loc,
-                                const scalar_t* __restrict__ attn,
+                                const acc_t* __restrict__ attn,
                                 const scalar_t* __restrict__ grad_out,
                                 acc_t* __restrict__ grad_value, acc_t* __restrict__ grad_loc,
                                 acc_t* __restrict__ grad_attn, Sizes z) {
@@ -133,10 +145,11 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        forward_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+        const auto kernel = &forward_kernel<scalar_t, acc_t>;
+        MSDA_LAUNCH(kernel, num_blocks(total), kThreads, stream)(
             a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
             a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
-            a.attn_weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), z);
+            a.attn_weight.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), z);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return out;
@@ -158,10 +171,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          backward_kernel<scalar_t, acc_t><<<num_blocks(total), kThreads, 0, stream>>>(
+          const auto kernel = &backward_kernel<scalar_t, acc_t>;
+          MSDA_LAUNCH(kernel, num_blocks(total), kThreads, stream)(
               a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
               a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
-              a.attn_weight.data_ptr<scalar_t>(), b.grad_output.data_ptr<scalar_t>(),
+              a.attn_weight.data_ptr<acc_t>(), b.grad_output.data_ptr<scalar_t>(),
               b.grad_value.data_ptr<acc_t>(), b.grad_loc.data_ptr<acc_t>(),
               b.grad_attn.data_ptr<acc_t>(), z);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -172,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
 
 }  // namespace deformable_detr
 
-TORCH_LIBRARY_IMPL(deformable_detr, CUDA, m) {
+TORCH_LIBRARY_IMPL(MSDA_CUDA_LIBRARY, MSDA_CUDA_DISPATCH_KEY, m) {
   m.impl("ms_deform_attn_forward", &deformable_detr::ms_deform_attn_forward_cuda);
   m.impl("ms_deform_attn_backward", &deformable_detr::ms_deform_attn_backward_cuda);
 }
