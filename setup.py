@@ -34,7 +34,7 @@ def _cuda_home():
 
 
 def get_extensions():
-    sources = [os.path.join("csrc", "ms_deform_attn_op.cpp")]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define_macros = [("DEFORMABLE_DETR_TORCH_VERSION", f'"{torch.__version__}"')]
     extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]}

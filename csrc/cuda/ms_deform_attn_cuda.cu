@@ -1,20 +1,49 @@
 // CUDA kernels of multi-scale deformable attention.
 //
-// Forward: one thread per output element (n, q, m, d), so a warp reads consecutive channels
-// of a value row (coalesced). Backward: one thread per sample (n, q, m, l, p); it loops over
-// the D channels, sums the weight and location gradients itself (no cross-thread reduction,
-// any D) and scatters the value gradient with atomicAdd into a buffer in the accumulation
-// dtype (float32 for half inputs). Any batch size; 64-bit indexing throughout. The bilinear
-// maths is shared with the CPU kernels (ms_deform_attn_sampling.h).
+// Work layout, forward and backward: each (n, q, m), one head of one query, is served by a
+// group of G lanes of a warp (G a power of two, at most 32). The D channels of a head are
+// split into chunks of VEC consecutive channels (one 16-byte load where D and the pointers
+// allow, else one channel), and lane j of the group owns chunks j, j + G, ... (in rounds of
+// G chunks). So the lanes of a group read one value row as consecutive, coalesced loads.
+//
+// A sample's corners are computed once per group: lane j locates sample i0 + j of the head's
+// L*P samples, and the group then walks those samples one by one, the owner broadcasting the
+// four corner positions and weights with warp shuffles. Shuffles need every lane named in
+// their mask, so the loops are uniform across a warp: a warp iterates over its first group's
+// index and lanes past the end stay in the loop with nothing to do.
+//
+// Backward: each lane sums grad_out . value over its channels for the four corners; a
+// butterfly of shuffles within the group reduces those partial dot products, from which the
+// sample's owner writes the location and weight gradients (no atomics, no shared memory).
+// The value gradient is a scatter:
+// - by default, atomicAdd of whole contiguous row chunks (coalesced across the group) into a
+//   buffer in the accumulation dtype (float32 for half inputs); the order of the additions
+//   varies from run to run, so the last bits do too;
+// - when torch.use_deterministic_algorithms(True) is on, a two-pass formulation: the backward
+//   kernel writes each (sample, corner) contribution's target row and coefficient, a stable
+//   sort groups the contributions by row (keeping the sample order inside a row), and a second
+//   kernel sums each row's contributions in that fixed order. Bit-identical from run to run,
+//   at the cost of 28 bytes of scratch per (sample, corner) and a sort.
+//
+// Accumulation is in float32 for half inputs (at::opmath_type), 32-bit index arithmetic where
+// the sizes allow. Any D, L, P and batch size. Levels whose (H, W, start) do not fit inside
+// [0, S) are empty (level_in_bounds), so no contents of spatial_shapes / level_start_index
+// can make a kernel address memory outside its tensors. The bilinear maths is shared with the
+// CPU kernels (ms_deform_attn_sampling.h).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
 
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_sampling.h"
@@ -35,96 +64,337 @@ namespace deformable_detr {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Grid-stride loops cover work beyond this many blocks.
+constexpr int64_t kMaxBlocks = int64_t(1) << 16;
+// Deterministic backward: the key of a (sample, corner) that adds nothing.
+constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
 
-int64_t num_blocks(int64_t total) {
-  // Grid-stride loops cover the rest when the work exceeds the grid limit.
-  return std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 30);
+// VEC consecutive elements, loaded and stored as one access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_vec(const scalar_t* p, acc_t (&out)[VEC]) {
+  const Vec<scalar_t, VEC> x = *reinterpret_cast<const Vec<scalar_t, VEC>*>(p);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) out[e] = static_cast<acc_t>(x.v[e]);
 }
 
-#define MSDA_GRID_STRIDE_LOOP(i, total)                                              \
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (total); \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
-
-template <typename scalar_t, typename acc_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ value,
-                               const int64_t* __restrict__ shapes,
-                               const int64_t* __restrict__ starts,
-                               const acc_t* __restrict__ loc, const acc_t* __restrict__ attn,
-                               scalar_t* __restrict__ out, Sizes z) {
-  const int64_t total = z.N * z.Lq * z.M * z.D;
-  const int64_t row = z.M * z.D;
-  MSDA_GRID_STRIDE_LOOP(i, total) {
-    const int64_t d = i % z.D;
-    const int64_t nqm = i / z.D;  // (n * Lq + q) * M + m
-    const int64_t m = nqm % z.M;
-    const int64_t n = nqm / (z.M * z.Lq);
-    const scalar_t* v_nm = value + n * z.S * row + m * z.D + d;
-    acc_t acc = 0;
-    for (int64_t l = 0; l < z.L; ++l) {
-      const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-      const scalar_t* v_l = v_nm + starts[l] * row;
-      for (int64_t p = 0; p < z.P; ++p) {
-        const int64_t s = (nqm * z.L + l) * z.P + p;
-        BilinearCorners<acc_t> c;
-        if (!bilinear_corners<acc_t>(loc[2 * s], loc[2 * s + 1], H, W, c)) continue;
-        acc_t sample = 0;
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_vec(scalar_t* p, const acc_t (&in)[VEC]) {
+  Vec<scalar_t, VEC> x;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if (c.index[k] >= 0) sample += c.weight[k] * static_cast<acc_t>(v_l[c.index[k] * row]);
-        }
-        acc += static_cast<acc_t>(attn[s]) * sample;
-      }
-    }
-    out[i] = static_cast<scalar_t>(acc);
+  for (int e = 0; e < VEC; ++e) x.v[e] = static_cast<scalar_t>(in[e]);
+  *reinterpret_cast<Vec<scalar_t, VEC>*>(p) = x;
+}
+
+// The lanes serving one (n, q, m), and the loop over all such groups.
+template <typename index_t>
+struct GroupLoop {
+  int G;                 // lanes per group
+  int lane;              // this thread's lane in its group, [0, G)
+  index_t num_groups;    // N * Lq * M, or the number of entries of the gather kernel
+  index_t warp_first;    // the first group of this thread's warp in the first iteration
+  index_t stride;        // groups per grid
+  int group_in_warp;     // this thread's group within its warp
+
+  __device__ __forceinline__ GroupLoop(int G_, index_t num_groups_)
+      : G(G_), lane(threadIdx.x & (G_ - 1)), num_groups(num_groups_) {
+    const index_t thread = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    warp_first = (thread - (threadIdx.x & (kWarp - 1))) / G;
+    stride = static_cast<index_t>(gridDim.x) * (blockDim.x / G);
+    group_in_warp = (threadIdx.x & (kWarp - 1)) / G;
+  }
+};
+
+// A lane without a sample: no corners, zero weights.
+template <typename acc_t>
+__device__ __forceinline__ void no_sample(BilinearCorners<acc_t>& c, int32_t (&pos)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    pos[k] = -1;
+    c.weight[k] = acc_t(0);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(const scalar_t* __restrict__ value,
-                                const int64_t* __restrict__ shapes,
-                                const int64_t* __restrict__ starts,
-                                const acc_t* __restrict__ loc,
-                                const acc_t* __restrict__ attn,
-                                const scalar_t* __restrict__ grad_out,
-                                acc_t* __restrict__ grad_value, acc_t* __restrict__ grad_loc,
-                                acc_t* __restrict__ grad_attn, Sizes z) {
-  const int64_t total = z.N * z.Lq * z.M * z.L * z.P;
-  const int64_t row = z.M * z.D;
-  MSDA_GRID_STRIDE_LOOP(s, total) {
-    const int64_t l = (s / z.P) % z.L;
-    const int64_t nqm = s / (z.L * z.P);
-    const int64_t m = nqm % z.M;
-    const int64_t n = nqm / (z.M * z.Lq);
-    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-    BilinearCorners<acc_t> c;
-    if (!bilinear_corners<acc_t>(loc[2 * s], loc[2 * s + 1], H, W, c)) {
-      grad_attn[s] = 0;  // the buffers are not zero-filled
-      grad_loc[2 * s] = grad_loc[2 * s + 1] = 0;
-      continue;
-    }
-    const acc_t a = static_cast<acc_t>(attn[s]);
-    const scalar_t* go = grad_out + nqm * z.D;
-    const int64_t offset = (n * z.S + starts[l]) * row + m * z.D;
-    acc_t dot[4] = {0, 0, 0, 0};
-    for (int k = 0; k < 4; ++k) {
-      if (c.index[k] < 0) continue;
-      const scalar_t* v = value + offset + c.index[k] * row;
-      acc_t* gv = grad_value + offset + c.index[k] * row;
-      const acc_t wk = a * c.weight[k];
-      acc_t dk = 0;
-      for (int64_t d = 0; d < z.D; ++d) {
-        const acc_t g = static_cast<acc_t>(go[d]);
-        dk += g * static_cast<acc_t>(v[d]);
-        atomicAdd(gv + d, wk * g);
+// Locates sample (x, y) on level l: the positions in [0, S) of its four corners (-1 outside
+// the map) and the bilinear corners. Returns false when the sample contributes nothing (it
+// lies outside its level, or the level does not fit inside [0, S)).
+template <typename acc_t>
+__device__ __forceinline__ bool locate(const int64_t* __restrict__ shapes,
+                                       const int64_t* __restrict__ starts, int64_t S, int64_t l,
+                                       acc_t x, acc_t y, BilinearCorners<acc_t>& c,
+                                       int32_t (&pos)[4]) {
+  const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+  if (!level_in_bounds(H, W, start, S) || !bilinear_corners<acc_t>(x, y, H, W, c)) {
+    no_sample(c, pos);
+    return false;
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    pos[k] = c.index[k] >= 0 ? static_cast<int32_t>(start + c.index[k]) : -1;
+  }
+  return true;
+}
+
+template <typename scalar_t, typename acc_t, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                   const int64_t* __restrict__ starts, const acc_t* __restrict__ loc,
+                   const acc_t* __restrict__ attn, scalar_t* __restrict__ out, Sizes z, int G) {
+  const GroupLoop<index_t> loop(G, static_cast<index_t>(z.N * z.Lq * z.M));
+  const int lane = loop.lane;
+  const int LP = static_cast<int>(z.L * z.P);
+  const index_t D = z.D, M = z.M, S = z.S, LqM = z.Lq * z.M;
+  const index_t chunks = D / VEC;
+  const index_t row = M * D;  // stride of one value position
+  for (index_t first = loop.warp_first; first < loop.num_groups; first += loop.stride) {
+    const index_t g = first + loop.group_in_warp;  // (n * Lq + q) * M + m
+    const bool active = g < loop.num_groups;
+    const index_t nqm = active ? g : 0;
+    const index_t n = nqm / LqM, m = nqm % M;
+    const scalar_t* v_nm = value + (n * S * M + m) * D;
+    for (index_t round = 0; round < chunks; round += G) {
+      const index_t chunk = round + lane;
+      const bool has_chunk = active && chunk < chunks;
+      const index_t channel = chunk * VEC;
+      acc_t acc[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] = acc_t(0);
+      for (int i0 = 0; i0 < LP; i0 += G) {
+        // This lane locates sample i0 + lane; the group reads them in turn.
+        const int i = i0 + lane;
+        int32_t pos[4];
+        BilinearCorners<acc_t> c;
+        acc_t a = acc_t(0);
+        if (active && i < LP) {
+          const index_t s = nqm * LP + i;
+          locate<acc_t>(shapes, starts, z.S, i / z.P, loc[2 * s], loc[2 * s + 1], c, pos);
+          a = attn[s];
+        } else {
+          no_sample(c, pos);
+        }
+        const int count = min(G, LP - i0);
+        for (int k = 0; k < count; ++k) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int32_t p = __shfl_sync(kFullMask, pos[j], k, G);
+            const acc_t w = __shfl_sync(kFullMask, a * c.weight[j], k, G);
+            if (has_chunk && p >= 0) {
+              acc_t v[VEC];
+              load_vec<VEC>(v_nm + p * row + channel, v);
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[e] += w * v[e];
+            }
+          }
+        }
       }
-      dot[k] = dk;
+      if (has_chunk) store_vec<VEC>(out + nqm * D + channel, acc);
     }
-    grad_attn[s] = c.weight[0] * dot[0] + c.weight[1] * dot[1] + c.weight[2] * dot[2] +
-                   c.weight[3] * dot[3];
-    acc_t d_h, d_w;
-    bilinear_grad_hw<acc_t>(c, dot, d_h, d_w);
-    grad_loc[2 * s] = a * d_w * static_cast<acc_t>(W);
-    grad_loc[2 * s + 1] = a * d_h * static_cast<acc_t>(H);
+  }
+}
+
+// Sums v over the G lanes of each group (a butterfly: every lane gets the sum).
+template <typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v, int G) {
+  for (int offset = G / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(kFullMask, v, offset, G);
+  }
+  return v;
+}
+
+// Location and weight gradients of every sample, and the value gradient: summed with
+// atomicAdd into grad_value, or (row_key non-null, deterministic mode) written as each
+// (sample, corner)'s target row and coefficient for gather_value_grad_kernel.
+template <typename scalar_t, typename acc_t, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                    const int64_t* __restrict__ starts, const acc_t* __restrict__ loc,
+                    const acc_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
+                    acc_t* __restrict__ grad_value, acc_t* __restrict__ grad_loc,
+                    acc_t* __restrict__ grad_attn, int64_t* __restrict__ row_key,
+                    acc_t* __restrict__ row_coef, Sizes z, int G) {
+  const GroupLoop<index_t> loop(G, static_cast<index_t>(z.N * z.Lq * z.M));
+  const int lane = loop.lane;
+  const int LP = static_cast<int>(z.L * z.P);
+  const index_t D = z.D, M = z.M, S = z.S, LqM = z.Lq * z.M;
+  const index_t chunks = D / VEC;
+  const index_t row = M * D;  // stride of one value position
+  for (index_t first = loop.warp_first; first < loop.num_groups; first += loop.stride) {
+    const index_t g = first + loop.group_in_warp;
+    const bool active = g < loop.num_groups;
+    const index_t nqm = active ? g : 0;
+    const index_t n = nqm / LqM, m = nqm % M;
+    const index_t offset_nm = (n * S * M + m) * D;
+    const scalar_t* v_nm = value + offset_nm;
+    acc_t* gv_nm = grad_value + offset_nm;
+    const scalar_t* go = grad_out + nqm * D;
+    for (int i0 = 0; i0 < LP; i0 += G) {
+      const int i = i0 + lane;
+      const bool owns = active && i < LP;  // this lane's sample: s
+      const index_t s = nqm * LP + i;
+      int32_t pos[4];
+      BilinearCorners<acc_t> c;
+      acc_t a = acc_t(0);
+      bool inside = false;
+      if (owns) {
+        inside = locate<acc_t>(shapes, starts, z.S, i / z.P, loc[2 * s], loc[2 * s + 1], c, pos);
+        a = attn[s];
+      } else {
+        no_sample(c, pos);
+      }
+      // dot[j] = <grad_out, value at corner j> over all D channels, for the owned sample.
+      acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+      const int count = min(G, LP - i0);
+      for (index_t round = 0; round < chunks; round += G) {
+        const index_t chunk = round + lane;
+        const bool has_chunk = active && chunk < chunks;
+        const index_t channel = chunk * VEC;
+        acc_t gout[VEC];
+        if (has_chunk) {
+          load_vec<VEC>(go + channel, gout);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) gout[e] = acc_t(0);
+        }
+        for (int k = 0; k < count; ++k) {
+          acc_t partial[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int32_t p = __shfl_sync(kFullMask, pos[j], k, G);
+            const acc_t w = __shfl_sync(kFullMask, a * c.weight[j], k, G);
+            acc_t d = acc_t(0);
+            if (has_chunk && p >= 0) {
+              acc_t v[VEC];
+              load_vec<VEC>(v_nm + p * row + channel, v);
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) d += gout[e] * v[e];
+              if (row_key == nullptr) {
+                acc_t* gv = gv_nm + p * row + channel;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) atomicAdd(gv + e, w * gout[e]);
+              }
+            }
+            partial[j] = d;
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const acc_t total = group_sum(partial[j], G);
+            if (lane == k) dot[j] += total;
+          }
+        }
+      }
+      if (!owns) continue;
+      if (!inside) {
+        grad_attn[s] = acc_t(0);
+        grad_loc[2 * s] = grad_loc[2 * s + 1] = acc_t(0);
+      } else {
+        grad_attn[s] = c.weight[0] * dot[0] + c.weight[1] * dot[1] + c.weight[2] * dot[2] +
+                       c.weight[3] * dot[3];
+        acc_t d_h, d_w;
+        bilinear_grad_hw<acc_t>(c, dot, d_h, d_w);
+        // h = y * H - 0.5 and w = x * W - 0.5.
+        const int64_t l = i / z.P;
+        grad_loc[2 * s] = a * d_w * static_cast<acc_t>(shapes[2 * l + 1]);
+        grad_loc[2 * s + 1] = a * d_h * static_cast<acc_t>(shapes[2 * l]);
+      }
+      if (row_key != nullptr) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          // grad_value[n, p, m, :] is row (n * S + p) * M + m of D channels.
+          row_key[4 * s + j] =
+              pos[j] >= 0 ? (static_cast<int64_t>(n) * z.S + pos[j]) * z.M + m : kNoRow;
+          row_coef[4 * s + j] = a * c.weight[j];
+        }
+      }
+    }
+  }
+}
+
+// Deterministic value gradient: `keys` sorted (stable), `order` the entry (4 * sample +
+// corner) of each sorted key. The group at the first entry of each run of equal keys sums
+// the run's contributions, in entry order, into its row of grad_value (zero-filled). No
+// shuffles here, so groups may leave the loop independently.
+template <typename scalar_t, typename acc_t, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    gather_value_grad_kernel(const int64_t* __restrict__ keys, const int64_t* __restrict__ order,
+                             const acc_t* __restrict__ coef, const scalar_t* __restrict__ grad_out,
+                             acc_t* __restrict__ grad_value, index_t entries, Sizes z, int G) {
+  const GroupLoop<index_t> loop(G, entries);
+  const index_t D = z.D;
+  const index_t chunks = D / VEC;
+  const index_t LP4 = z.L * z.P * 4;
+  for (index_t first = loop.warp_first; first < entries; first += loop.stride) {
+    const index_t e = first + loop.group_in_warp;
+    if (e >= entries) continue;
+    const int64_t key = keys[e];
+    if (key == kNoRow || (e > 0 && keys[e - 1] == key)) continue;
+    acc_t* gv = grad_value + key * D;
+    for (index_t chunk = loop.lane; chunk < chunks; chunk += G) {
+      acc_t acc[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
+      for (index_t f = e; f < entries && keys[f] == key; ++f) {
+        const index_t entry = static_cast<index_t>(order[f]);
+        const acc_t w = coef[entry];
+        acc_t g[VEC];
+        load_vec<VEC>(grad_out + (entry / LP4) * D + chunk * VEC, g);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] += w * g[k];
+      }
+      store_vec<VEC>(gv + chunk * VEC, acc);
+    }
+  }
+}
+
+// Lanes per (query, head): enough for one round over the chunks, a power of two <= 32.
+int group_size(int64_t chunks) {
+  int G = 1;
+  while (G < kWarp && G < chunks) G *= 2;
+  return G;
+}
+
+int64_t num_blocks(int64_t groups, int G) {
+  return std::max<int64_t>(1, std::min((groups * G + kThreads - 1) / kThreads, kMaxBlocks));
+}
+
+bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// 16-byte accesses where D and every pointer allow, one element otherwise.
+template <typename scalar_t>
+bool use_vectors(int64_t D, std::initializer_list<const void*> pointers) {
+  constexpr int64_t kVec = 16 / sizeof(scalar_t);
+  if (D % kVec != 0) return false;
+  for (const void* p : pointers) {
+    if (!aligned(p, 16)) return false;
+  }
+  return true;
+}
+
+// Whether every element offset the kernels form fits in int32.
+bool fits_int32(const Sizes& z) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max() / 2;
+  const int64_t samples = z.N * z.Lq * z.M * z.L * z.P;
+  return z.N * z.S * z.M * z.D <= kMax && z.N * z.Lq * z.M * z.D <= kMax &&
+         4 * samples <= kMax;
+}
+
+// Calls f with the VEC and index type chosen at run time, as template arguments.
+template <typename scalar_t, typename F>
+void dispatch_layout(bool vectors, bool small, const F& f) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (vectors) {
+    small ? f(std::integral_constant<int, kVec>(), int32_t(0))
+          : f(std::integral_constant<int, kVec>(), int64_t(0));
+  } else {
+    small ? f(std::integral_constant<int, 1>(), int32_t(0))
+          : f(std::integral_constant<int, 1>(), int64_t(0));
   }
 }
 
@@ -140,17 +410,23 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   auto out = forward_output(a);
   if (a.empty()) return out;
   const Sizes& z = a.sizes;
-  const int64_t total = z.N * z.Lq * z.M * z.D;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const auto kernel = &forward_kernel<scalar_t, acc_t>;
-        MSDA_LAUNCH(kernel, num_blocks(total), kThreads, stream)(
-            a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
-            a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
-            a.attn_weight.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), z);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const bool vectors =
+            use_vectors<scalar_t>(z.D, {a.value.data_ptr(), out.data_ptr()});
+        dispatch_layout<scalar_t>(vectors, fits_int32(z), [&](auto vec, auto index) {
+          constexpr int VEC = decltype(vec)::value;
+          using index_t = decltype(index);
+          const int G = group_size(z.D / VEC);
+          const auto kernel = &forward_kernel<scalar_t, acc_t, VEC, index_t>;
+          MSDA_LAUNCH(kernel, num_blocks(z.N * z.Lq * z.M, G), kThreads, stream)(
+              a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
+              a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
+              a.attn_weight.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), z, G);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
   return out;
 }
@@ -163,24 +439,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const auto a =
       prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
   auto b = backward_buffers(a, grad_output);
-  if (!a.empty()) {
-    b.grad_value.zero_();  // the kernel sums into it with atomicAdd
-    const Sizes& z = a.sizes;
-    const int64_t total = z.N * z.Lq * z.M * z.L * z.P;
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const auto kernel = &backward_kernel<scalar_t, acc_t>;
-          MSDA_LAUNCH(kernel, num_blocks(total), kThreads, stream)(
+  if (a.empty()) return backward_result(b, value, sampling_loc, attn_weight);
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  if (!deterministic) {
+    // The atomicAdd scatter: declared as PyTorch ops declare theirs (a no-op here, since
+    // deterministic mode takes the two-pass path instead).
+    at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+  }
+  b.grad_value.zero_();
+  const Sizes& z = a.sizes;
+  const int64_t entries = 4 * z.N * z.Lq * z.M * z.L * z.P;
+  at::Tensor keys, coef;
+  if (deterministic) {
+    keys = at::empty({entries}, a.value.options().dtype(at::kLong));
+    coef = at::empty({entries}, b.grad_value.options());
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const bool vectors = use_vectors<scalar_t>(
+            z.D, {a.value.data_ptr(), b.grad_output.data_ptr(), b.grad_value.data_ptr()});
+        dispatch_layout<scalar_t>(vectors, fits_int32(z), [&](auto vec, auto index) {
+          constexpr int VEC = decltype(vec)::value;
+          using index_t = decltype(index);
+          const int G = group_size(z.D / VEC);
+          const auto kernel = &backward_kernel<scalar_t, acc_t, VEC, index_t>;
+          MSDA_LAUNCH(kernel, num_blocks(z.N * z.Lq * z.M, G), kThreads, stream)(
               a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
               a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
               a.attn_weight.data_ptr<acc_t>(), b.grad_output.data_ptr<scalar_t>(),
               b.grad_value.data_ptr<acc_t>(), b.grad_loc.data_ptr<acc_t>(),
-              b.grad_attn.data_ptr<acc_t>(), z);
+              b.grad_attn.data_ptr<acc_t>(),
+              deterministic ? keys.data_ptr<int64_t>() : nullptr,
+              deterministic ? coef.data_ptr<acc_t>() : nullptr, z, G);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (!deterministic) return;
+          // Stable: equal rows keep their entries' order, so each row sums in a fixed order.
+          const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+          const auto gather = &gather_value_grad_kernel<scalar_t, acc_t, VEC, index_t>;
+          MSDA_LAUNCH(gather, num_blocks(entries, G), kThreads, stream)(
+              std::get<0>(sorted).data_ptr<int64_t>(), std::get<1>(sorted).data_ptr<int64_t>(),
+              coef.data_ptr<acc_t>(), b.grad_output.data_ptr<scalar_t>(),
+              b.grad_value.data_ptr<acc_t>(), static_cast<index_t>(entries), z, G);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-  }
+      });
   return backward_result(b, value, sampling_loc, attn_weight);
 }
 
