@@ -7,6 +7,7 @@ import torch
 
 from deformable_detr.layers import (
     MSDeformAttn,
+    check_inputs,
     has_compiled_op,
     ms_deform_attn,
     ms_deform_attn_pytorch,
@@ -102,8 +103,6 @@ def test_float32_against_float64():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_accumulates_in_float32(device, dtype):
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("float16 grid_sample reference is CUDA-only")
     inputs64 = make_inputs(LEVELS[2], N=2, M=2, D=32, P=4, Lq=16)
     value, shapes, starts, loc, attn = inputs64
     half = (value.to(dtype), shapes, starts, loc.float(), attn.to(dtype))
@@ -195,6 +194,44 @@ def _bad(**changes):
 def test_validation_errors(fn, changes, error, match):
     with pytest.raises(error, match=match):
         fn(**_bad(**changes))
+
+
+@pytest.mark.parametrize(
+    "shapes_list,error,match",
+    [
+        ([(6, 9), (3, 5), (2, 3)], ValueError, "sum of H\\*W"),
+        ([(6, 9), (3, 5)], ValueError, "levels"),
+        ([(6, 9), (3, 5), (2, 2), (1, 1)], ValueError, "levels"),
+        ([(6, 9), (0, 5), (2, 2)], ValueError, "positive"),
+        ([(6, 9), (3, 5), (2.0, 2)], TypeError, "pairs of ints"),
+        ([(6, 9, 1), (3, 5), (2, 2)], TypeError, "pairs of ints"),
+    ],
+)
+@pytest.mark.parametrize("fn", [ms_deform_attn, ms_deform_attn_pytorch])
+def test_validation_errors_of_the_shapes_list(fn, shapes_list, error, match):
+    with pytest.raises(error, match=match):
+        fn(**_bad(), spatial_shapes_list=shapes_list)
+
+
+def test_shapes_list_is_trusted_and_device_tensors_are_not_read():
+    args = _bad(level_start_index=torch.tensor([0, 54, 60]))
+    with pytest.raises(ValueError, match="level_start_index"):
+        check_inputs(**args)
+    # With the ints given, the tensors' contents are not read (no device wait on a GPU).
+    check_inputs(**args, spatial_shapes_list=[(6, 9), (3, 5), (2, 2)])
+    # Nor are they on a device other than the CPU ("meta" has no contents to read).
+    check_inputs(**{k: v.to("meta") for k, v in _bad(spatial_shapes=torch.tensor(
+        [[60, 9], [3, 5], [-2, 2]]), level_start_index=torch.tensor([7, 0, -1])).items()})
+
+
+@pytest.mark.parametrize("impl", ["compiled", "pytorch"])
+def test_module_with_shapes_list(impl):
+    torch.manual_seed(0)
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2, attn_impl=impl)
+    args = (torch.rand(2, 7, 32), torch.rand(2, 7, 2, 2), torch.rand(2, 39, 32),
+            torch.tensor([[6, 5], [3, 3]]), torch.tensor([0, 30]))
+    torch.testing.assert_close(module(*args, spatial_shapes_list=[(6, 5), (3, 3)]),
+                               module(*args), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

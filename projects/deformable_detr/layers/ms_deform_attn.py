@@ -99,8 +99,12 @@ class MSDeformAttn(nn.Module):
         return ms_deform_attn if impl == "compiled" else ms_deform_attn_pytorch
 
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
-                input_level_start_index, input_padding_mask=None):
+                input_level_start_index, input_padding_mask=None, *, spatial_shapes_list=None):
         """
+        The sampling locations are computed in the reference points' dtype (float32 for
+        float32 references, also under autocast, where the offsets' linear layer runs in half
+        precision); the core op then applies the autocast rule of ``ms_deform_attn_op``.
+
         Args:
             query: [N, Lq, C].
             reference_points: [N, Lq, L, 2] normalised (x, y) in [0, 1] (top-left (0, 0),
@@ -110,6 +114,9 @@ class MSDeformAttn(nn.Module):
             input_spatial_shapes: int64 [L, 2], each level's (H, W).
             input_level_start_index: int64 [L].
             input_padding_mask: [N, S] bool, True at padded positions, or None.
+            spatial_shapes_list: the levels' (H, W) as Python ints, the same as
+                ``input_spatial_shapes``; with it the forward never waits for the device
+                (the PyTorch path would otherwise read the shapes tensor).
 
         Returns:
             [N, Lq, C].
@@ -126,14 +133,17 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, M, self.d_model // M)
-        sampling_offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        # A location needs float32 for sub-pixel accuracy on large maps; half-precision
+        # offsets are fine (they are small).
+        sampling_offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2).to(
+            reference_points.dtype)
         attention_weights = self.attention_weights(query).view(N, Lq, M, L * P)
         attention_weights = attention_weights.softmax(-1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: x by its width, y by its height.
             offset_normalizer = torch.stack(
                 [input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1
-            ).to(sampling_offsets.dtype)
+            ).to(reference_points.dtype)
             sampling_locations = (
                 reference_points[:, :, None, :, None, :]
                 + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
@@ -152,6 +162,6 @@ class MSDeformAttn(nn.Module):
             }
         output = self._core(value)(
             value, input_spatial_shapes, input_level_start_index, sampling_locations,
-            attention_weights,
+            attention_weights, spatial_shapes_list=spatial_shapes_list,
         )
         return self.output_proj(output)

@@ -99,8 +99,13 @@ def _check_boxes(boxes: torch.Tensor, name: str) -> None:
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to at least ``eps``."""
-    x = x.clamp(min=0, max=1)
+    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to at least ``eps``.
+
+    [...] -> [...], float32 for float16/bfloat16 ``x`` (else ``x``'s dtype): the ratio reaches
+    1 / eps = 1e5, beyond float16's range, and a half-precision logit would cost the refined
+    boxes their precision.
+    """
+    x = upcast(x).clamp(min=0, max=1)
     x1 = x.clamp(min=eps)
     x2 = (1 - x).clamp(min=eps)
     return torch.log(x1 / x2)

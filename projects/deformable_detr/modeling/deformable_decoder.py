@@ -43,7 +43,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes,
-                level_start_index, src_padding_mask=None):
+                level_start_index, src_padding_mask=None, *, spatial_shapes_list=None):
         """
         Args:
             tgt, query_pos: [N, Q, C].
@@ -51,6 +51,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
                 already scaled by the valid ratios.
             src: [N, S, C] encoder memory; src_spatial_shapes int64 [L, 2];
                 level_start_index int64 [L]; src_padding_mask bool [N, S].
+            spatial_shapes_list: the (H, W) of ``src_spatial_shapes`` as ints, or None.
 
         Returns:
             [N, Q, C].
@@ -60,7 +61,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
         tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1))[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2.transpose(0, 1)))
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, src, src_spatial_shapes,
-                               level_start_index, src_padding_mask)
+                               level_start_index, src_padding_mask,
+                               spatial_shapes_list=spatial_shapes_list)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(tgt2))
@@ -82,7 +84,7 @@ class DeformableTransformerDecoder(nn.Module):
 
     def forward(self, tgt, reference_points, src, src_spatial_shapes, src_level_start_index,
                 src_valid_ratios, query_pos, src_padding_mask=None,
-                bbox_embed: Sequence[nn.Module] | None = None):
+                bbox_embed: Sequence[nn.Module] | None = None, *, spatial_shapes_list=None):
         """
         Args:
             tgt, query_pos: [N, Q, C].
@@ -91,6 +93,8 @@ class DeformableTransformerDecoder(nn.Module):
             src: [N, S, C]; src_spatial_shapes int64 [L, 2]; src_level_start_index int64 [L];
             src_valid_ratios: [N, L, 2] (w, h); src_padding_mask bool [N, S].
             bbox_embed: ``num_layers`` box heads for iterative refinement, or None.
+            spatial_shapes_list: the (H, W) of ``src_spatial_shapes`` as ints, or None (then
+                the PyTorch attention path reads the shapes tensor on the host).
 
         Returns:
             hs: [num_layers, N, Q, C] every layer's output.
@@ -109,7 +113,8 @@ class DeformableTransformerDecoder(nn.Module):
             else:
                 reference_points_input = reference_points[:, :, None] * src_valid_ratios[:, None]
             output = layer(output, query_pos, reference_points_input, src, src_spatial_shapes,
-                           src_level_start_index, src_padding_mask)
+                           src_level_start_index, src_padding_mask,
+                           spatial_shapes_list=spatial_shapes_list)
 
             if bbox_embed is not None:
                 tmp = bbox_embed[lid](output)

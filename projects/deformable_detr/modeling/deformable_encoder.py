@@ -37,16 +37,21 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
-                padding_mask=None):
+                padding_mask=None, *, spatial_shapes_list=None):
         """
         Args:
             src, pos: [N, S, C].
             reference_points: [N, S, L, 2], (x, y) scaled by the valid ratios.
             spatial_shapes: int64 [L, 2] (H, W); level_start_index: int64 [L].
             padding_mask: bool [N, S], True at padded positions.
+            spatial_shapes_list: the (H, W) of ``spatial_shapes`` as ints, or None.
+
+        Returns:
+            [N, S, C].
         """
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes,
-                              level_start_index, padding_mask)
+                              level_start_index, padding_mask,
+                              spatial_shapes_list=spatial_shapes_list)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(src2))
@@ -60,11 +65,12 @@ def encoder_reference_points(spatial_shapes, valid_ratios: torch.Tensor) -> torc
     ratios into that level's padded coordinates.
 
     Args:
-        spatial_shapes: [L, 2] (H, W) per level (tensor or sequence).
+        spatial_shapes: [L, 2] (H, W) per level: a sequence of int pairs, or a tensor (read
+            on the host: a device wait for a CUDA tensor).
         valid_ratios: [N, L, 2] (w, h) fractions of each level that are not padding.
 
     Returns:
-        [N, S, L, 2] (x, y).
+        float32 [N, S, L, 2] (x, y).
     """
     device = valid_ratios.device
     if isinstance(spatial_shapes, torch.Tensor):
@@ -93,20 +99,23 @@ class DeformableTransformerEncoder(nn.Module):
         self.num_layers = num_layers
 
     def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos,
-                padding_mask=None):
+                padding_mask=None, *, spatial_shapes_list=None):
         """
         Args:
             src, pos: [N, S, C] flattened levels and their position (+ level) embeddings.
             spatial_shapes: int64 [L, 2]; level_start_index: int64 [L].
             valid_ratios: [N, L, 2] (w, h).
             padding_mask: bool [N, S].
+            spatial_shapes_list: the (H, W) of ``spatial_shapes`` as ints; without it the
+                shapes tensor is read on the host (a device wait on CUDA).
 
         Returns:
             memory [N, S, C].
         """
         output = src
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        reference_points = encoder_reference_points(
+            spatial_shapes if spatial_shapes_list is None else spatial_shapes_list, valid_ratios)
         for layer in self.layers:
             output = layer(output, pos, reference_points, spatial_shapes, level_start_index,
-                           padding_mask)
+                           padding_mask, spatial_shapes_list=spatial_shapes_list)
         return output

@@ -8,11 +8,25 @@ from torch import nn
 from torch.nn.init import constant_, normal_, xavier_uniform_
 
 from ..layers import MSDeformAttn
+from .box_ops import upcast
 from .deformable_decoder import DeformableTransformerDecoder, DeformableTransformerDecoderLayer
 from .deformable_encoder import DeformableTransformerEncoder, DeformableTransformerEncoderLayer
 from .two_stage import gen_encoder_output_proposals, proposal_pos_embed
 
 __all__ = ["DeformableTransformer", "get_valid_ratio"]
+
+
+def _shapes_tensor(spatial_shapes: Sequence[tuple[int, int]], device: torch.device
+                  ) -> torch.Tensor:
+    """int64 [L, 2] (H, W) on ``device`` without waiting for it.
+
+    ``torch.as_tensor(..., device="cuda")`` copies from pageable memory, which blocks the host
+    until the device has run everything queued before; a copy from pinned memory does not.
+    """
+    shapes = torch.as_tensor(spatial_shapes, dtype=torch.long).view(-1, 2)
+    if device.type == "cuda":
+        shapes = shapes.pin_memory().to(device, non_blocking=True)
+    return shapes.to(device)
 
 
 def get_valid_ratio(mask: torch.Tensor) -> torch.Tensor:
@@ -147,14 +161,16 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        spatial_shapes_t = torch.as_tensor(spatial_shapes, dtype=torch.long,
-                                           device=src_flatten.device)
+        spatial_shapes_t = _shapes_tensor(spatial_shapes, src_flatten.device)
         level_start_index = torch.cat((spatial_shapes_t.new_zeros((1,)),
                                        spatial_shapes_t.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)
 
+        # The shapes go down as ints too (spatial_shapes_list): nothing below reads a device
+        # tensor on the host.
         memory = self.encoder(src_flatten, spatial_shapes_t, level_start_index, valid_ratios,
-                              lvl_pos_embed_flatten, mask_flatten)
+                              lvl_pos_embed_flatten, mask_flatten,
+                              spatial_shapes_list=spatial_shapes)
 
         n, _, c = memory.shape
         out = {}
@@ -182,11 +198,14 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = torch.split(query_embed, c, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(n, -1, -1)
             tgt = tgt.unsqueeze(0).expand(n, -1, -1)
-            reference_points = self.reference_points(query_pos).sigmoid()
+            # float32 under autocast, where the linear layer gives half precision: the
+            # references (and with them the sampling locations) keep float32 accuracy.
+            reference_points = upcast(self.reference_points(query_pos)).sigmoid()
 
         hs, inter_references = self.decoder(
             tgt, reference_points, memory, spatial_shapes_t, level_start_index, valid_ratios,
             query_pos, mask_flatten, bbox_embed=bbox_embed if self.with_box_refine else None,
+            spatial_shapes_list=spatial_shapes,
         )
         out.update(hs=hs, init_reference=reference_points, inter_references=inter_references)
         return out

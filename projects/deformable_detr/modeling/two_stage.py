@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from .box_ops import upcast
+
 __all__ = ["gen_encoder_output_proposals", "proposal_pos_embed"]
 
 
@@ -18,10 +20,11 @@ def gen_encoder_output_proposals(memory_padding_mask: torch.Tensor, spatial_shap
 
     Args:
         memory_padding_mask: bool [N, S], True at padded positions.
-        spatial_shapes: [L, 2] (H, W) per level (tensor or sequence).
+        spatial_shapes: [L, 2] (H, W) per level: a sequence of int pairs, or a tensor (read on
+            the host: a device wait for a CUDA tensor).
 
     Returns:
-        proposals: [N, S, 4] (cx, cy, w, h) in logit space (log(p / (1 - p))); +inf at
+        proposals: float32 [N, S, 4] (cx, cy, w, h) in logit space (log(p / (1 - p))); +inf at
             padded positions and where any coordinate is outside (0.01, 0.99).
         valid: bool [N, S, 1], the positions whose proposal is usable.
     """
@@ -65,12 +68,14 @@ def proposal_pos_embed(proposals: torch.Tensor, num_pos_feats: int = 128,
         num_pos_feats: features per coordinate.
 
     Returns:
-        [N, Q, 4 * num_pos_feats]: per coordinate (in order), sin/cos interleaved of
+        [N, Q, 4 * num_pos_feats], float32 (float64 for float64 proposals): per coordinate
+        (in order), sin/cos interleaved of
         ``sigmoid(p) * 2*pi / temperature ** (2 * (i // 2) / num_pos_feats)``.
     """
     scale = 2 * math.pi
     dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
     dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-    proposals = proposals.sigmoid() * scale
+    # float32 for half-precision proposals: float16 rounds arguments near 2*pi by up to 2e-3.
+    proposals = upcast(proposals).sigmoid() * scale
     pos = proposals[:, :, :, None] / dim_t
     return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
