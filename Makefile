@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 BUILD_ENV := FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)
 
-.PHONY: all demo test bench lint clean
+.PHONY: all demo test bench lint clean gpu-check
 all: test
 
 $(PY):
@@ -43,6 +43,14 @@ demo: $(VENV)/.build
 bench: $(VENV)/.build
 	$(PY) benchmarks/ms_deform_attn.py
 	$(PY) benchmarks/model.py
+
+# On a machine with an NVIDIA GPU: build for its architecture, run the CUDA tests and the
+# benchmarks, write output/gpu_check/gpu_check_report.md (docs/gpu_check.md). Exits with an
+# error (the script's status 2) before building anything when there is no GPU. Runs with the
+# project's venv where one was made, else with $(PYTHON) (e.g. a GPU machine's own PyTorch).
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/.deps),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .

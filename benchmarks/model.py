@@ -19,11 +19,24 @@ Repeats of the two implementations are interleaved (compiled, PyTorch, compiled,
 one warm-up each, so a change of load on a shared machine hits both alike; the table gives
 medians and the ratio PyTorch / compiled (> 1: the compiled op is faster).
 
+On CUDA (``--device cuda``) every timed call ends with ``torch.cuda.synchronize()``, so the
+times are those of the device work (plus the host overhead it could not hide). ``--amp``
+times the same passes under mixed precision too: inference under
+``torch.autocast("cuda", dtype=--amp-dtype)``, training with autocast and, for float16,
+``torch.amp.GradScaler`` (as detectron2's AMPTrainer). ``--batches`` sets the inference
+batch sizes, ``--impls compiled`` leaves the PyTorch path out, ``--no-stages`` the per-stage
+breakdown (its hooks synchronise at every stage boundary, which on CUDA adds launch gaps to
+the totals), and ``--json`` writes every number for ``benchmarks/gpu_check.py``.
+
     python benchmarks/model.py [--variants plain box_refine two_stage single_scale dc5]
         [--train-variants plain] [--repeats 3] [--size 800 1333] [--threads N]
-        [--device cpu|cuda] [--train/--no-train] [--train-batch 1]
+        [--device cpu|cuda] [--train/--no-train] [--train-batch 1] [--batches 1 4]
+        [--amp off|on|both] [--amp-dtype float16|bfloat16] [--impls compiled pytorch]
+        [--stages/--no-stages] [--json results.json]
 """
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import time
@@ -57,6 +70,10 @@ STAGES = (
     ("encoder", "transformer.encoder"),
     ("decoder", "transformer.decoder"),
 )
+
+
+#: --amp-dtype values.
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build(variant, impl, device):
@@ -146,81 +163,136 @@ class StageTimer:
             h.remove()
 
 
-def run_inference(model, inputs, device):
+def autocast(device, amp_dtype):
+    """Mixed precision for the forward when ``amp_dtype`` is set, else nothing."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=amp_dtype)
+
+
+def run_inference(model, inputs, device, amp_dtype=None):
     sync(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, amp_dtype):
         out = model(inputs)
     sync(device)
     return time.perf_counter() - t0, out
 
 
-def run_train_step(model, optimizer, inputs, device):
+def run_train_step(model, optimizer, inputs, device, amp_dtype=None, scaler=None):
+    """One iteration; under AMP the forward runs in autocast and, with a ``scaler``
+    (float16), the loss is scaled and ``scaler.step`` unscales before the optimizer's
+    clipping, as detectron2's AMPTrainer does."""
     sync(device)
     t0 = time.perf_counter()
-    losses = model(inputs)
+    with autocast(device, amp_dtype):
+        losses = model(inputs)
     total = sum(losses.values())
     if not torch.isfinite(total):
         values = {k: float(v) for k, v in losses.items()}
         raise FloatingPointError(f"non-finite training loss: {values}")
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        optimizer.step()
     sync(device)
     return time.perf_counter() - t0
 
 
-def bench_inference(variant, args):
+def build_models(variant, args):
+    """One model per implementation in ``args.impls``, all with the first one's weights."""
     models = {}
-    for impl in IMPLS:
+    for impl in args.impls:
         cfg, models[impl] = build(variant, impl, args.device)
-        models[impl].eval()
-    models["pytorch"].load_state_dict(models["compiled"].state_dict())
-    inputs = make_inputs(args.size, 1, cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES, False)
+    first = next(iter(models.values()))
+    for model in models.values():
+        if model is not first:
+            model.load_state_dict(first.state_dict())
+    return cfg, models
+
+
+def bench_inference(cfg, models, args, batch=1, amp_dtype=None, stages=True):
+    """Median seconds per ``model(inputs)`` call at ``batch`` images, per implementation
+    (``models`` from ``build_models``), the per-stage medians (if ``stages``) and the largest
+    score difference between the implementations' detections (None with one)."""
+    for model in models.values():
+        model.eval()
+    inputs = make_inputs(args.size, batch, cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES, False)
 
     # Warm-up; also a check that both paths compute the same detections.
     scores = {}
     for impl, model in models.items():
-        _, out = run_inference(model, inputs, args.device)
-        scores[impl] = out[0]["instances"].scores.sort().values
-    n = min(len(scores["compiled"]), len(scores["pytorch"]))
-    score_diff = (scores["compiled"][:n] - scores["pytorch"][:n]).abs().max().item()
+        _, out = run_inference(model, inputs, args.device, amp_dtype)
+        scores[impl] = out[0]["instances"].scores.float().sort().values
+    score_diff = None
+    if len(scores) == 2:
+        a, b = scores.values()
+        n = min(len(a), len(b))
+        score_diff = (a[:n] - b[:n]).abs().max().item() if n else 0.0
 
-    timers = {impl: StageTimer(model, args.device) for impl, model in models.items()}
+    timers = ({impl: StageTimer(model, args.device) for impl, model in models.items()}
+              if stages else {})
     times = defaultdict(list)
     for _ in range(args.repeats):
         for impl, model in models.items():
-            t, _ = run_inference(model, inputs, args.device)
+            t, _ = run_inference(model, inputs, args.device, amp_dtype)
             times[impl].append(t)
-            timers[impl].end_forward()
-    stages = {}
+            if stages:
+                timers[impl].end_forward()
+    stage_medians = {}
     for impl, timer in timers.items():
-        stages[impl] = timer.medians()
+        stage_medians[impl] = timer.medians()
         timer.remove()
-    return {impl: statistics.median(t) for impl, t in times.items()}, stages, score_diff
+    return ({impl: statistics.median(t) for impl, t in times.items()}, stage_medians,
+            score_diff)
 
 
-def bench_training(variant, args):
-    models, optimizers = {}, {}
-    for impl in IMPLS:
-        cfg, models[impl] = build(variant, impl, args.device)
-        models[impl].train()
-    models["pytorch"].load_state_dict(models["compiled"].state_dict())
+def bench_training(variant, args, amp_dtype=None):
+    """Median seconds per training iteration at ``args.train_batch``, per implementation."""
+    cfg, models = build_models(variant, args)
+    optimizers, scalers = {}, {}
     for impl, model in models.items():
+        model.train()
         optimizers[impl] = build_optimizer(cfg, model)
+        # bfloat16 has float32's range: no loss scaling (detectron2 scales for float16 only).
+        scalers[impl] = (torch.amp.GradScaler(args.device) if amp_dtype == torch.float16
+                         else None)
     inputs = make_inputs(args.size, args.train_batch, cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES,
                          True)
     for impl, model in models.items():  # warm-up
-        run_train_step(model, optimizers[impl], inputs, args.device)
+        run_train_step(model, optimizers[impl], inputs, args.device, amp_dtype, scalers[impl])
     times = defaultdict(list)
     for _ in range(args.repeats):
         for impl, model in models.items():
-            times[impl].append(run_train_step(model, optimizers[impl], inputs, args.device))
+            times[impl].append(run_train_step(model, optimizers[impl], inputs, args.device,
+                                              amp_dtype, scalers[impl]))
+    del models, optimizers
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return {impl: statistics.median(t) for impl, t in times.items()}
 
 
 def load_average():
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def precisions(args):
+    """(label, autocast dtype or None) for each precision --amp asks for."""
+    amp = ({"float16": "amp-fp16", "bfloat16": "amp-bf16"}[args.amp_dtype],
+           AMP_DTYPES[args.amp_dtype])
+    return {"off": [("fp32", None)], "on": [amp], "both": [("fp32", None), amp]}[args.amp]
+
+
+def result_row(variant, pass_, precision, t):
+    """A markdown row: seconds per call of each implementation and PyTorch / compiled."""
+    c, p = t.get("compiled"), t.get("pytorch")
+    ratio = f"{p / c:.2f}x" if c and p else "—"
+    cells = [f"{x:.3f}" if x is not None else "—" for x in (c, p)]
+    return f"| {variant} | {pass_} | {precision} | {cells[0]} | {cells[1]} | {ratio} |"
 
 
 def main():
@@ -231,21 +303,35 @@ def main():
                         help="variants timed in training (default: --variants)")
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                         help="also time training iterations")
-    parser.add_argument("--train-batch", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--train-batch", type=int, default=1, choices=[1, 2, 3, 4, 8])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1],
+                        help="inference batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", default="off", choices=["off", "on", "both"],
+                        help="mixed precision: only, or as well as float32 (meant for CUDA; "
+                        "on the CPU autocast is slow, bfloat16 only there)")
+    parser.add_argument("--amp-dtype", default="float16", choices=list(AMP_DTYPES))
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
+                        help="attention implementations to time")
+    parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the inference stages (hooks that synchronise)")
+    parser.add_argument("--json", help="write all measurements to this file")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if min(args.size) < 32:
         parser.error(f"--size must be at least 32x32 (stride-32 backbone), got {args.size}")
+    if min(args.batches) < 1:
+        parser.error("--batches must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
-    if not has_compiled_op(args.device):
+    if "compiled" in args.impls and not has_compiled_op(args.device):
         parser.error(f"the compiled op has no {args.device} kernel: build the extension "
                      "(`pip install -e .`) first")
+    args.impls = [i for i in IMPLS if i in args.impls]  # compiled first, as in the tables
     train_variants = args.train_variants if args.train_variants is not None else args.variants
     if not args.train:
         train_variants = []
@@ -254,42 +340,59 @@ def main():
     name = (torch.cuda.get_device_name() if args.device == "cuda"
             else f"CPU, {args.threads} threads")
     h, w = args.size
-    print(f"### {name} (torch {torch.__version__}, float32, {h}x{w}, random weights, "
+    labels = ", ".join(label for label, _ in precisions(args))
+    print(f"### {name} (torch {torch.__version__}, {labels}, {h}x{w}, random weights, "
           f"median of {args.repeats} after 1 warm-up)\n")
     print(f"load average (1, 5, 15 min) at start: {load_average()}\n", flush=True)
 
-    rows, stage_rows = [], []
+    rows, stage_rows, records = [], [], []
     for variant in args.variants:
-        t, stages, score_diff = bench_inference(variant, args)
-        rows.append(f"| {variant} | inference, batch 1 | {t['compiled']:.3f} | "
-                    f"{t['pytorch']:.3f} | {t['pytorch'] / t['compiled']:.2f}x |")
-        print(rows[-1] + f"  <!-- max |score diff| {score_diff:.1e} -->", flush=True)
-        for impl in IMPLS:
-            s = stages[impl]
-            other = t[impl] - sum(s[label] for label, _ in STAGES)
-            attn_share = s["attention"] / (s["encoder"] + s["decoder"])
-            stage_rows.append(
-                f"| {variant} | {impl} | {t[impl]:.3f} | "
-                + " | ".join(f"{s[label]:.3f}" for label, _ in STAGES)
-                + f" | {other:.3f} | {s['attention']:.3f} ({attn_share:.0%}) |"
-            )
+        cfg, models = build_models(variant, args)
+        for label, amp_dtype in precisions(args):
+            for batch in args.batches:
+                t, stages, score_diff = bench_inference(cfg, models, args, batch, amp_dtype,
+                                                        args.stages)
+                pass_ = f"inference, batch {batch}"
+                rows.append(result_row(variant, pass_, label, t))
+                note = f"  <!-- max |score diff| {score_diff:.1e} -->" if score_diff else ""
+                print(rows[-1] + note, flush=True)
+                records.append(dict(variant=variant, kind="inference", batch=batch,
+                                    precision=label, seconds=t, score_diff=score_diff))
+                for impl in (args.impls if args.stages else []):
+                    s = stages[impl]
+                    other = t[impl] - sum(s[lbl] for lbl, _ in STAGES)
+                    attn_share = s["attention"] / (s["encoder"] + s["decoder"])
+                    stage_rows.append(
+                        f"| {variant} | {impl} | {label} | batch {batch} | {t[impl]:.3f} | "
+                        + " | ".join(f"{s[lbl]:.3f}" for lbl, _ in STAGES)
+                        + f" | {other:.3f} | {s['attention']:.3f} ({attn_share:.0%}) |"
+                    )
+        del models
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     for variant in train_variants:
-        t = bench_training(variant, args)
-        rows.append(f"| {variant} | training, batch {args.train_batch} | {t['compiled']:.3f} | "
-                    f"{t['pytorch']:.3f} | {t['pytorch'] / t['compiled']:.2f}x |")
-        print(rows[-1], flush=True)
+        for label, amp_dtype in precisions(args):
+            t = bench_training(variant, args, amp_dtype)
+            rows.append(result_row(variant, f"training, batch {args.train_batch}", label, t))
+            print(rows[-1], flush=True)
+            records.append(dict(variant=variant, kind="training", batch=args.train_batch,
+                                precision=label, seconds=t))
 
-    print("\n| variant | pass | compiled s | PyTorch s | PyTorch / compiled |")
-    print("|---|---|---|---|---|")
+    print("\n| variant | pass | precision | compiled s | PyTorch s | PyTorch / compiled |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
     if stage_rows:
         print("\nWhere inference time goes (seconds, medians; 'attention' = all MSDeformAttn "
               "modules, share of encoder + decoder):\n")
-        print("| variant | impl | total | " + " | ".join(label for label, _ in STAGES)
-              + " | rest | attention |")
-        print("|---" * (len(STAGES) + 5) + "|")
+        print("| variant | impl | precision | batch | total | "
+              + " | ".join(label for label, _ in STAGES) + " | rest | attention |")
+        print("|---" * (len(STAGES) + 7) + "|")
         print("\n".join(stage_rows))
     print(f"\nload average (1, 5, 15 min) at end: {load_average()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device_name=name, torch=torch.__version__, size=args.size,
+                           repeats=args.repeats, records=records), f, indent=1)
 
 
 if __name__ == "__main__":
