@@ -18,22 +18,39 @@ Examples::
 
 On a machine without CUDA, or with ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU
 processes that train with the gloo backend.
+
+``--eval-only`` refuses to evaluate a model whose weights were not all loaded (no
+``MODEL.WEIGHTS``, or a file that misses some of the model's tensors); add
+``--allow-random-weights`` to evaluate it anyway.
 """
 import logging
+import sys
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_argument_parser as d2_default_argument_parser
+from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import deformable_detr  # noqa: F401  (registers the DeformableDETR meta-architecture)
 from deformable_detr import add_deformable_detr_config
+from deformable_detr.checkpoint import CheckpointError
 from deformable_detr.data import register_shapes_dataset
-from deformable_detr.engine import SafeDetectionCheckpointer, Trainer, launch
+from deformable_detr.engine import Trainer, launch, load_inference_weights
 
 logger = logging.getLogger("detectron2")
+
+
+def default_argument_parser():
+    """detectron2's command line plus ``--allow-random-weights``."""
+    parser = d2_default_argument_parser()
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="with --eval-only: evaluate even when MODEL.WEIGHTS is empty or "
+                             "leaves parameters of the model unloaded (random)")
+    return parser
 
 
 def load_config(args):
@@ -53,6 +70,8 @@ def setup(args):
     cfg = load_config(args)
     cfg.freeze()
     default_setup(cfg, args)
+    # The package's own messages (checkpoint fallbacks, dropped annotations) in the log too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="deformable_detr")
     if not torch.cuda.is_available():
         logger.warning("CUDA is not available: training on CPU (MODEL.DEVICE cpu)")
     # The synthetic "shapes" datasets under $DETECTRON2_DATASETS/shapes (configs/demo),
@@ -67,8 +86,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        load_inference_weights(
+            model, cfg.MODEL.WEIGHTS, save_dir=cfg.OUTPUT_DIR, resume=args.resume,
+            allow_random_weights=getattr(args, "allow_random_weights", False),
         )
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
@@ -84,15 +104,20 @@ def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     device = load_config(args).MODEL.DEVICE
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        device=device,
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            device=device,
+        )
+    except CheckpointError as e:
+        # The message names the file, the problem and the fix; a traceback adds nothing.
+        logger.error(str(e))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

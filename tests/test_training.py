@@ -143,6 +143,10 @@ def test_kill_and_resume(tmp_path, datasets_root):
     assert proc.returncode == -signal.SIGKILL
     assert ckpt.startswith("model_") and not os.path.exists(os.path.join(out, "model_final.pth"))
     k = int(ckpt[len("model_"):-len(".pth")])
+    # Checkpoints are renamed into place once written: a kill mid-write leaves at most a .tmp.
+    for name in os.listdir(out):
+        if name.endswith(".pth"):
+            load_torch_file(os.path.join(out, name))
     state = load_torch_file(os.path.join(out, ckpt))
     # Everything a run needs to continue: iteration, lr schedule and the AdamW moments.
     trainer_state = state["trainer"]

@@ -10,6 +10,7 @@ directory with config.json and weights, or a ``.bin`` / ``.safetensors`` file). 
 evaluate it with. Loading never runs code stored in the input file.
 """
 import argparse
+import os
 import sys
 
 from deformable_detr.checkpoint import (
@@ -41,13 +42,22 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
+    if os.path.isdir(args.output):
+        # Checked before the (slow) conversion, not when writing.
+        print(f"error: OUTPUT {args.output} is a folder; name the file to write, e.g. "
+              f"{os.path.join(args.output, 'model.pth')}", file=sys.stderr)
+        return 1
     try:
         result = convert_checkpoint(args.input, format=args.format, class_mapping=args.classes,
                                     variant=args.variant)
+        save_detectron2_checkpoint(result, args.output)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    save_detectron2_checkpoint(result, args.output)
+    except OSError as e:
+        print(f"error: cannot write {args.output} ({e.strerror or e}); choose another path",
+              file=sys.stderr)
+        return 1
     print(f"wrote {len(result.state_dict)} tensors to {args.output}")
     print(result.summary(args.output))
     return 0

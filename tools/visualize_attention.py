@@ -14,13 +14,14 @@ Example::
         --input datasets/shapes/val/000000.png --output output/demo/attention \\
         --opts MODEL.WEIGHTS output/demo/model_final.pth
 
-writes ``<name>_decoder.png`` and ``<name>_encoder.png`` per image.
+writes ``<name>_decoder.png`` and ``<name>_encoder.png`` per image. A picture has one row
+per query, at most ``MAX_ROWS`` (``--topk``, ``--queries``, ``--pixels``). Weights that
+leave parameters of the model unloaded are refused unless ``--allow-random-weights``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -37,17 +38,20 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo import (  # noqa: E402
+from deformable_detr.engine.predictor import (  # noqa: E402
     Predictor,
     for_each_image,
     output_path,
     prepare,
 )
-
 from deformable_detr.layers import MSDeformAttn  # noqa: E402
+from deformable_detr.utils.cli import int_in  # noqa: E402
 
 logger = logging.getLogger("deformable_detr.visualize_attention")
+
+#: Rows (queries) of one picture: each is ~300 px tall and draws every sampling point of
+#: every head and level, so more would make pictures nobody can read, slowly.
+MAX_ROWS = 10
 
 LEVEL_MARKERS = ("o", "s", "^", "D", "v", "P")
 
@@ -349,30 +353,36 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", nargs="+", required=True,
                         help="image files, folders or glob patterns (quote the globs)")
     parser.add_argument("--output", required=True, help="folder for the pictures")
-    parser.add_argument("--topk", type=int, default=3,
-                        help="decoder queries of the top-k detections (default 3)")
+    parser.add_argument("--topk", type=int_in(1, MAX_ROWS, "one picture row per query"),
+                        default=3, help="decoder queries of the top-k detections (default 3)")
     parser.add_argument("--queries", type=int, nargs="*", default=[],
-                        help="decoder query indices instead of the top-k detections")
+                        help=f"decoder query indices instead of the top-k detections (at most "
+                             f"{MAX_ROWS})")
     parser.add_argument("--pixels", type=_parse_pixel, nargs="*", default=[],
-                        help="encoder query pixels X,Y of the image (default: detection "
-                             "centres)")
-    parser.add_argument("--pixel-level", type=int, default=0,
+                        help=f"encoder query pixels X,Y of the image (default: detection "
+                             f"centres; at most {MAX_ROWS})")
+    parser.add_argument("--pixel-level", type=int_in(0), default=0,
                         help="feature level of the encoder queries (default 0, the finest)")
-    parser.add_argument("--dpi", type=int, default=110)
+    parser.add_argument("--dpi", type=int_in(30, 300, "picture resolution"), default=110)
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="run even when MODEL.WEIGHTS is empty or leaves parameters of the "
+                             "model unloaded (random)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    for name in ("queries", "pixels"):
+        if len(getattr(args, name)) > MAX_ROWS:
+            parser.error(f"argument --{name}: at most {MAX_ROWS} (one picture row each), got "
+                         f"{len(getattr(args, name))}; make several pictures")
     setup_logger(name="deformable_detr")
-    if args.topk < 1:
-        logger.error(f"--topk must be >= 1, got {args.topk}")
-        return 2
     try:
         cfg, images, predictor, metadata = prepare(args.config_file, args.opts, args.input,
-                                                   args.output)
+                                                   args.output, args.allow_random_weights)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         logger.error(str(e))
         return 2

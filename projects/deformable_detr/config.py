@@ -53,4 +53,9 @@ def add_deformable_detr_config(cfg: CN) -> CN:
     cfg.INPUT.DETR_CROP.RESIZE_SHORT = [400, 500, 600]
     cfg.INPUT.DETR_CROP.CROP_SIZE_MIN = 384
     cfg.INPUT.DETR_CROP.CROP_SIZE_MAX = 600
+
+    # Training annotations whose box is unusable (zero or negative width/height, NaN or
+    # infinite coordinates, far outside the image; see DeformableDetrDatasetMapper):
+    # "drop" reports them once per image with the image id and drops them, "error" stops.
+    cfg.INPUT.INVALID_ANNOTATIONS = "drop"
     return cfg

@@ -1,4 +1,5 @@
 """Converting released Deformable DETR weights (official and Hugging Face) to detectron2."""
+from .atomic_io import atomic_torch_save, atomic_write_text
 from .coco_classes import coco_contiguous_ids
 from .convert import (
     FORMATS,
@@ -15,7 +16,12 @@ from .official import (
     official_key_names,
     official_to_detectron2,
 )
-from .safe_load import CheckpointError, load_safetensors_file, load_torch_file
+from .safe_load import (
+    CheckpointError,
+    load_pickle_weights,
+    load_safetensors_file,
+    load_torch_file,
+)
 from .variants import VARIANTS, ModelHParams, Variant, select_variant
 
 __all__ = [
@@ -23,6 +29,8 @@ __all__ = [
     "VARIANTS",
     "CheckpointError",
     "ConversionResult",
+    "atomic_torch_save",
+    "atomic_write_text",
     "ModelHParams",
     "Variant",
     "coco_contiguous_ids",
@@ -31,6 +39,7 @@ __all__ = [
     "detectron2_to_official",
     "huggingface_to_official",
     "infer_official_hparams",
+    "load_pickle_weights",
     "load_safetensors_file",
     "load_source",
     "load_torch_file",

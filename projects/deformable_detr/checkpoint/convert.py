@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .atomic_io import atomic_torch_save
 from .coco_classes import NUM_COCO_ID_CLASSES
 from .huggingface import (
     huggingface_config_hints,
@@ -211,10 +212,10 @@ def convert_checkpoint(path: str, format: str = "auto", class_mapping: str = "au
 
 
 def save_detectron2_checkpoint(result: ConversionResult, path: str) -> None:
-    """Write ``{"model": state_dict, ...}`` for ``DetectionCheckpointer(model).load(path)``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    torch.save(
+    """Write ``{"model": state_dict, ...}`` for ``DetectionCheckpointer(model).load(path)``,
+    through a temporary file renamed into place (an interrupted write leaves no partial
+    file)."""
+    atomic_torch_save(
         {
             "model": {k: v.contiguous() for k, v in result.state_dict.items()},
             "__author__": f"deformable_detr.checkpoint ({result.source_format} "

@@ -143,6 +143,16 @@ def _require(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return sd[key]
 
 
+def _check_layers(found: list[int], expected: int, stack: str, why: str = "") -> None:
+    missing = sorted(set(range(max(expected, found[-1] + 1))) - set(found))
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {stack} layer(s) {missing}: it has "
+            f"transformer.{stack}.layers.{{{','.join(map(str, found))}}}{why}. The file is "
+            "incomplete or was edited; use the released file"
+        )
+
+
 def infer_official_hparams(sd: dict[str, torch.Tensor], class_mapping: str = "coco"
                            ) -> ModelHParams:
     """Hyper-parameters read from an official state dict's names and shapes."""
@@ -156,7 +166,15 @@ def infer_official_hparams(sd: dict[str, torch.Tensor], class_mapping: str = "co
     enc = _indices(sd, "transformer.encoder.layers.")
     dec = _indices(sd, "transformer.decoder.layers.")
     if not enc or not dec:
-        raise CheckpointError("the checkpoint has no encoder or no decoder layers")
+        raise CheckpointError("the checkpoint has no encoder or no decoder layers; it is not "
+                              "a complete Deformable DETR checkpoint: use the released file")
+    # One class head per decoder layer (plus the encoder's in two-stage models): a file
+    # that lost a layer would otherwise be reported as having too many heads.
+    num_heads = len(_indices(sd, "class_embed."))
+    _check_layers(enc, len(enc), "encoder")
+    _check_layers(dec, max(len(dec), num_heads - int(two_stage)), "decoder",
+                  f" ({num_heads} class heads, one per decoder layer"
+                  f"{' plus the encoder head' if two_stage else ''})")
     num_rows = _require(sd, "class_embed.0.weight").shape[0]
     width = sd[f"{_OFFICIAL_BACKBONE}layer1.0.conv1.weight"].shape[0]
     return ModelHParams(

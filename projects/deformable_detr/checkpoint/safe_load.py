@@ -1,9 +1,14 @@
-"""Loading checkpoint files without running pickled code.
+"""Loading checkpoint files without running pickled code: the one loader every command
+and API of the project reads weights with.
 
 ``torch.load(weights_only=True)`` rebuilds tensors, containers and plain Python values
 only; it refuses any other global a pickle names (``os.system``, a class with a custom
-``__reduce__``, ...) before calling it. Released Deformable DETR files also hold an
-``argparse.Namespace`` of training arguments, which is allow-listed here and nothing else.
+``__reduce__``, ...) before calling it. ``weights_only`` is always passed explicitly:
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` only changes calls that leave it unset, so that
+variable cannot turn the check off (``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` only turns it on).
+Released Deformable DETR files also hold an ``argparse.Namespace`` of training arguments,
+which is allow-listed here and nothing else. detectron2 model-zoo ``.pkl`` files (dicts of
+numpy arrays) are read by an unpickler that rebuilds numpy arrays and plain values only.
 Safetensors files hold no code by design.
 """
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pickle
 import re
 import struct
 import zipfile
@@ -19,7 +25,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "file_kind", "load_safetensors_file", "load_torch_file"]
+__all__ = [
+    "CheckpointError",
+    "file_kind",
+    "load_pickle_weights",
+    "load_safetensors_file",
+    "load_torch_file",
+]
 
 #: Globals a released checkpoint may name besides what ``weights_only`` always allows.
 SAFE_GLOBALS = (argparse.Namespace,)
@@ -50,13 +62,30 @@ def file_kind(path: str) -> str:
     return "unknown"
 
 
+#: Appended to messages about damaged files.
+_DAMAGED_FIX = "download or copy it again, or use an earlier checkpoint"
+
+
 def _check_readable(path: str) -> None:
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}; check the path")
     if os.path.isdir(path):
-        raise CheckpointError(f"expected a file, got a directory: {path}")
+        raise CheckpointError(f"expected a checkpoint file, got a directory: {path}; name the "
+                              "file in it")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint file is empty: {path}")
+        raise CheckpointError(f"checkpoint file is empty (0 bytes): {path}; the download or "
+                              f"copy was interrupted: {_DAMAGED_FIX}")
+
+
+def _torch_reason(msg: str) -> str:
+    """The cause in a ``torch.load`` error, without torch's advice to load the file with
+    ``weights_only=False`` (which would run code stored in it)."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", msg, re.S)
+    if m is not None:
+        msg = m.group(1)
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln and "torch.load" not in ln]
+    return lines[0] if lines else "unreadable pickle"
 
 
 @contextlib.contextmanager
@@ -88,7 +117,8 @@ def load_torch_file(path: str, extra_safe_globals: Iterable[type] = ()) -> Any:
     if kind == "unknown":
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle); "
-            "the file is corrupt or of another kind"
+            "the file is corrupt or of another kind: give a file written by torch.save "
+            f"(.pth) or a detectron2 model-zoo .pkl, or {_DAMAGED_FIX}"
         )
     if kind == "zip":
         try:
@@ -96,12 +126,14 @@ def load_torch_file(path: str, extra_safe_globals: Iterable[type] = ()) -> Any:
                 bad = z.testzip()
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise CheckpointError(
-                f"{path} is a truncated or corrupt zip checkpoint ({e})"
+                f"{path} is a truncated or corrupt zip checkpoint ({e}): {_DAMAGED_FIX}"
             ) from None
         if bad is not None:
-            raise CheckpointError(f"{path} is corrupt: member {bad!r} fails its CRC check")
+            raise CheckpointError(f"{path} is corrupt: member {bad!r} fails its CRC check: "
+                                  f"{_DAMAGED_FIX}")
     try:
         with _allow(list(SAFE_GLOBALS) + list(extra_safe_globals)):
+            # Explicit, so that TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD does not apply.
             return torch.load(path, map_location="cpu", weights_only=True)
     # torch.load raises UnpicklingError, RuntimeError, EOFError, KeyError, ... on bad input.
     except Exception as e:  # noqa: BLE001
@@ -114,10 +146,11 @@ def load_torch_file(path: str, extra_safe_globals: Iterable[type] = ()) -> Any:
                 "if you trust the file, re-save its state dict with plain tensors"
             ) from None
         if isinstance(e, EOFError) or "EOF" in msg or "truncated" in msg.lower():
-            raise CheckpointError(f"{path} is truncated (unexpected end of file)") from None
+            raise CheckpointError(f"{path} is truncated (unexpected end of file): "
+                                  f"{_DAMAGED_FIX}") from None
         raise CheckpointError(
-            f"{path} could not be read as a PyTorch checkpoint: {type(e).__name__}: "
-            f"{msg.splitlines()[0] if msg else ''}"
+            f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: "
+            f"{_torch_reason(msg)}); it is corrupt or not a torch.save file: {_DAMAGED_FIX}"
         ) from None
 
 
@@ -138,5 +171,58 @@ def load_safetensors_file(path: str) -> dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     except Exception as e:  # noqa: BLE001 (SafetensorError and others on bad input)
         raise CheckpointError(
-            f"{path} is a truncated or corrupt safetensors file ({type(e).__name__}: {e})"
+            f"{path} is a truncated or corrupt safetensors file ({type(e).__name__}: {e}): "
+            f"{_DAMAGED_FIX}"
         ) from None
+
+
+# What a detectron2/Detectron model-zoo .pkl (a dict of numpy arrays) may name.
+_PICKLE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+}
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        # Called for every global before it is used: refusing here means nothing ran.
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise _ForbiddenGlobal(f"it asks to unpickle {module}.{name}, which is not a numpy "
+                                   "array or plain value")
+        return super().find_class(module, name)
+
+
+def load_pickle_weights(path: str) -> dict:
+    """Read a ``.pkl`` weights file (e.g. ``ImageNetPretrained/torchvision/R-50.pkl``) that
+    holds only dicts, numbers, strings and numpy arrays; anything else is refused before it
+    is called. Python's own unpickler does the reading, so no torch setting applies.
+
+    Raises:
+        CheckpointError: missing, empty, corrupt or unsafe file.
+    """
+    _check_readable(path)
+    try:
+        with open(path, "rb") as f:
+            data = _WeightsUnpickler(f, encoding="latin1").load()
+    except _ForbiddenGlobal as e:
+        raise CheckpointError(f"refused to load {path}: {e}. Loading never runs code stored in "
+                              "a checkpoint; if you trust the file, re-save its weights as "
+                              "numpy arrays or a torch state dict") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, MemoryError) as e:
+        raise CheckpointError(f"{path} is not a valid weights pickle (truncated or corrupt: "
+                              f"{type(e).__name__}: {e}): {_DAMAGED_FIX}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of weights; "
+                              "give a detectron2 model-zoo .pkl (a dict of numpy arrays)")
+    return data

@@ -3,18 +3,64 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
 
-__all__ = ["DeformableDetrDatasetMapper", "DetrResizeShortestEdge", "build_detr_augmentation"]
+__all__ = [
+    "INVALID_ANNOTATION_POLICIES",
+    "DeformableDetrDatasetMapper",
+    "DetrResizeShortestEdge",
+    "box_problem",
+    "build_detr_augmentation",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Values of ``INPUT.INVALID_ANNOTATIONS``.
+INVALID_ANNOTATION_POLICIES = ("drop", "error")
+
+
+def box_problem(bbox, bbox_mode, image_hw: Tuple[int, int]) -> Optional[str]:
+    """What makes an annotation's box unusable, or None if it is fine.
+
+    A box is unusable if its coordinates are not 4 finite numbers, its width or height is
+    zero or negative, or it is far outside the image: no overlap with it, or reaching
+    further out than the image's own width (height) on a side. Boxes partly outside within
+    that margin are clipped to the image, as by detectron2 and the reference code.
+
+    Args:
+        bbox, bbox_mode: as in a detectron2 dataset dict.
+        image_hw: (height, width) of the image the box belongs to.
+    """
+    try:
+        coords = [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        return f"coordinates {bbox!r} are not numbers"
+    if len(coords) != 4:
+        return f"{len(coords)} coordinates instead of 4"
+    if not all(math.isfinite(v) for v in coords):
+        return "NaN or infinite coordinates"
+    # Before any transform: transforms take the min and max of the corners, which would
+    # turn a negative size into another, valid-looking box.
+    x0, y0, x1, y1 = BoxMode.convert(coords, bbox_mode, BoxMode.XYXY_ABS)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return "coordinates too large"
+    if x1 <= x0 or y1 <= y0:
+        return f"width {x1 - x0:g} and height {y1 - y0:g} (both must be > 0)"
+    h, w = image_hw
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        return f"outside the {w}x{h} image"
+    if x0 < -w or y0 < -h or x1 > 2 * w or y1 > 2 * h:
+        return f"far outside the {w}x{h} image"
+    return None
 
 
 class DetrResizeShortestEdge(T.ResizeShortestEdge):
@@ -113,8 +159,11 @@ class DeformableDetrDatasetMapper:
     (the transformed image), and in training ``"instances"`` with ``gt_boxes`` (absolute
     XYXY in the transformed image, clipped to it) and ``gt_classes`` (contiguous ids).
     Crowd annotations are dropped, and so are boxes left empty by the transforms (e.g.
-    cropped away). ``"height"``/``"width"`` keep the original size, to which inference
-    results are rescaled. At test time annotations are removed.
+    cropped away). Annotations whose box is unusable (see :func:`box_problem`) are
+    reported with the image id, once per image (per data-loader worker), and dropped; with
+    ``invalid_annotations="error"`` they raise ``ValueError``. ``"height"``/``"width"`` keep
+    the original size, to which inference results are rescaled. At test time annotations
+    are removed.
     """
 
     @configurable
@@ -124,16 +173,24 @@ class DeformableDetrDatasetMapper:
         *,
         augmentations: Sequence[T.Augmentation],
         image_format: str,
+        invalid_annotations: str = "drop",
     ):
         """
         Args:
             is_train: whether to keep and transform annotations.
             augmentations: applied in order to the image and the boxes.
             image_format: a PIL mode or "BGR"; the released models use "RGB".
+            invalid_annotations: "drop" (report and drop unusable boxes) or "error".
         """
+        if invalid_annotations not in INVALID_ANNOTATION_POLICIES:
+            raise ValueError(f"INPUT.INVALID_ANNOTATIONS must be one of "
+                             f"{INVALID_ANNOTATION_POLICIES}, got {invalid_annotations!r}")
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
+        self.invalid_annotations = invalid_annotations
+        # Images whose bad annotations were reported; each epoch maps them again.
+        self._reported = set()
         mode = "training" if is_train else "inference"
         logger.info(f"[DeformableDetrDatasetMapper] Augmentations in {mode}: {augmentations}")
 
@@ -143,6 +200,7 @@ class DeformableDetrDatasetMapper:
             "is_train": is_train,
             "augmentations": build_detr_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
+            "invalid_annotations": cfg.INPUT.INVALID_ANNOTATIONS,
         }
 
     def _read_image(self, file_name: str) -> np.ndarray:
@@ -159,6 +217,7 @@ class DeformableDetrDatasetMapper:
         dataset_dict = copy.deepcopy(dataset_dict)
         image = self._read_image(dataset_dict["file_name"])
         utils.check_image_size(dataset_dict, image)
+        image_hw = image.shape[:2]
 
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
@@ -171,15 +230,45 @@ class DeformableDetrDatasetMapper:
             dataset_dict.pop("annotations", None)
             return dataset_dict
         # An image without annotations gets empty instances: it still teaches "no object".
+        annos = [obj for obj in dataset_dict.pop("annotations", [])
+                 if obj.get("iscrowd", 0) == 0]
         annos = [
             utils.transform_instance_annotations(self._boxes_only(obj), transforms, image_shape)
-            for obj in dataset_dict.pop("annotations", [])
-            if obj.get("iscrowd", 0) == 0
+            for obj in self._usable(annos, image_hw, dataset_dict)
         ]
         # annotations_to_instances clips the boxes to the image; empty ones go after.
         instances = utils.annotations_to_instances(annos, image_shape)
         dataset_dict["instances"] = utils.filter_empty_instances(instances)
         return dataset_dict
+
+    def _usable(self, annos: List[dict], image_hw: Tuple[int, int],
+                dataset_dict: dict) -> List[dict]:
+        """``annos`` without those with unusable boxes, which are reported or raised."""
+        kept, problems = [], []
+        for i, obj in enumerate(annos):
+            problem = box_problem(obj["bbox"], obj["bbox_mode"], image_hw)
+            if problem is None:
+                kept.append(obj)
+            else:
+                problems.append(f"annotation {obj.get('id', f'#{i}')} bbox {obj['bbox']}: "
+                                f"{problem}")
+        if not problems:
+            return kept
+        image_id = dataset_dict.get("image_id")
+        where = f"image id {image_id} ({dataset_dict['file_name']})"
+        listing = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                             if len(problems) > 5 else "")
+        if self.invalid_annotations == "error":
+            raise ValueError(f"{where} has {len(problems)} unusable box annotation(s): "
+                             f"{listing}. Fix them in the dataset, or set "
+                             "INPUT.INVALID_ANNOTATIONS drop to train without them")
+        key = dataset_dict["file_name"] if image_id is None else image_id
+        if key not in self._reported:
+            self._reported.add(key)
+            logger.warning(f"{where}: dropped {len(problems)} unusable box annotation(s): "
+                           f"{listing}. Fix them in the dataset (INPUT.INVALID_ANNOTATIONS "
+                           "error makes this an error)")
+        return kept
 
     @staticmethod
     def _boxes_only(obj: dict) -> dict:

@@ -1,7 +1,13 @@
-from .checkpointer import SafeDetectionCheckpointer, load_pickle_weights
+from .checkpointer import (
+    ALLOWED_MISSING,
+    SafeDetectionCheckpointer,
+    load_inference_weights,
+    load_pickle_weights,
+    read_checkpoint,
+)
 from .checks import check_num_classes
 from .launch import launch
 from .trainer import Trainer
 
-__all__ = ["SafeDetectionCheckpointer", "Trainer", "check_num_classes", "launch",
-           "load_pickle_weights"]
+__all__ = ["ALLOWED_MISSING", "SafeDetectionCheckpointer", "Trainer", "check_num_classes",
+           "launch", "load_inference_weights", "load_pickle_weights", "read_checkpoint"]

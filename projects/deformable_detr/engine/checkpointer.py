@@ -1,87 +1,365 @@
-"""detectron2's checkpointer, loading files without running code stored in them."""
+"""detectron2's checkpointer made safe to use on untrusted or damaged files.
+
+- Loading runs no code stored in a file (:mod:`..checkpoint.safe_load`), whatever torch's
+  environment variables say.
+- Saving writes ``<file>.tmp`` and renames it into place (:mod:`..checkpoint.atomic_io`):
+  a kill mid-write leaves the previous checkpoint intact.
+- Resuming verifies the checkpoint it picks and falls back to the newest readable one.
+- :func:`load_inference_weights` refuses weights that leave the model partly random.
+"""
 from __future__ import annotations
 
-import pickle
+import glob
+import logging
+import os
+import re
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from urllib.parse import parse_qs
 
+import numpy as np
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..checkpoint.safe_load import CheckpointError, load_torch_file
+from ..checkpoint.atomic_io import atomic_torch_save, atomic_write_text
+from ..checkpoint.safe_load import CheckpointError, load_pickle_weights, load_torch_file
 
-__all__ = ["SafeDetectionCheckpointer", "load_pickle_weights"]
+__all__ = [
+    "ALLOWED_MISSING",
+    "SafeDetectionCheckpointer",
+    "load_inference_weights",
+    "load_pickle_weights",
+    "read_checkpoint",
+]
 
-# What a detectron2/Detectron model-zoo .pkl (a dict of numpy arrays) may name.
-_PICKLE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
-}
+logger = logging.getLogger(__name__)
 
+#: Model state-dict entries that may be absent from weights used for inference: they are not
+#: learned (the config sets the pixel statistics; BatchNorm counters are unused).
+ALLOWED_MISSING = (r"^pixel_(mean|std)$", r"(^|\.)num_batches_tracked$")
 
-class _ForbiddenGlobal(pickle.UnpicklingError):
-    pass
-
-
-class _WeightsUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise _ForbiddenGlobal(f"it asks to unpickle {module}.{name}, which is not a numpy "
-                                   "array or plain value")
-        return super().find_class(module, name)
+#: Tells users how to run anyway; the API's argument is ``allow_random_weights``.
+_OVERRIDE = "--allow-random-weights"
+_SAVE_HINT = ("save a dict holding the state dict: torch.save({'model': model.state_dict()}, "
+              "path)")
 
 
-def load_pickle_weights(path: str) -> dict:
-    """Read a ``.pkl`` weights file (e.g. ``ImageNetPretrained/torchvision/R-50.pkl``) that
-    holds only dicts, numbers, strings and numpy arrays; anything else is refused before it
-    is called.
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a checkpoint file into detectron2's layout, ``{"model": state dict, ...}``,
+    without running code stored in it.
+
+    ``.pkl`` files are detectron2 / Detectron / Caffe2 model-zoo pickles of numpy arrays
+    (converted as detectron2 does); anything else is a ``torch.save`` file, either a
+    checkpoint dict with a ``"model"`` entry or a bare state dict.
 
     Raises:
-        CheckpointError: missing, corrupt or unsafe file.
+        CheckpointError: missing, empty, truncated, corrupt or unsafe files, and files that
+            hold something other than a state dict.
     """
-    try:
-        with open(path, "rb") as f:
-            data = _WeightsUnpickler(f, encoding="latin1").load()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except _ForbiddenGlobal as e:
-        raise CheckpointError(f"refused to load {path}: {e}. Loading never runs code stored in "
-                              "a checkpoint") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError) as e:
-        raise CheckpointError(f"{path} is not a valid weights pickle (truncated or corrupt: "
-                              f"{type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of weights")
-    return data
-
-
-class SafeDetectionCheckpointer(DetectionCheckpointer):
-    """:class:`DetectionCheckpointer` whose file loading runs no pickled code.
-
-    ``.pth`` files are read with ``torch.load(weights_only=True)`` (tensors, containers,
-    plain values), ``.pkl`` files with an unpickler that rebuilds numpy arrays and plain
-    values only. Everything else (model-zoo name matching, resuming, DDP handling) is
-    detectron2's. Missing, corrupt or unsafe files raise :class:`CheckpointError`.
-    """
-
-    def _load_file(self, filename):
-        if filename.endswith(".pkl"):
-            data = load_pickle_weights(filename)
-            if "model" in data and "__author__" in data:
-                self.logger.info(f"Reading a file from '{data['__author__']}'")
-                return data
+    if path.endswith(".pkl"):
+        data = load_pickle_weights(path)
+        if "model" in data and "__author__" in data:
+            logger.info(f"Reading a file from '{data['__author__']}'")
+        else:
             # Caffe2 / Detectron1 model zoo, as detectron2 reads it.
             if "blobs" in data:
                 data = data["blobs"]
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
-            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
-        loaded = load_torch_file(filename)
-        if not isinstance(loaded, dict):
-            raise CheckpointError(f"{filename} holds a {type(loaded).__name__}, not a dict")
-        if "model" not in loaded:
-            loaded = {"model": loaded}
-        return loaded
+            data = {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+    else:
+        data = load_torch_file(path)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of named "
+                                  f"tensors; {_SAVE_HINT}")
+        if "model" not in data:
+            data = {"model": data}
+    _check_state_dict(data["model"], path)
+    return data
+
+
+def _check_state_dict(sd: Any, path: str) -> None:
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"the 'model' entry of {path} is a {type(sd).__name__}, not a "
+                              f"state dict; {_SAVE_HINT}")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, (torch.Tensor, np.ndarray)):
+            raise CheckpointError(f"entry {k!r} of the state dict in {path} is a "
+                                  f"{type(v).__name__}, not a tensor; {_SAVE_HINT}")
+
+
+class SafeDetectionCheckpointer(DetectionCheckpointer):
+    """:class:`DetectionCheckpointer` that runs no pickled code, writes atomically and
+    resumes from the newest readable checkpoint.
+
+    Loading: see :func:`read_checkpoint`. Saving: ``<name>.pth`` and ``last_checkpoint`` are
+    written to a temporary file each and renamed into place. Resuming (``has_checkpoint`` /
+    ``get_checkpoint_file``): the file named in ``last_checkpoint`` is read in full first; if
+    it is missing, damaged or ``last_checkpoint`` is empty, the other ``model_*.pth`` files
+    of ``save_dir`` are tried, newest first, with a warning. Everything else (model-zoo name
+    matching, DDP handling, checkpointables) is detectron2's.
+
+    After each load, :attr:`unloaded` lists the model's state-dict entries the file did not
+    fill (missing, or of another shape), :attr:`incorrect_shapes` the shape mismatches and
+    :attr:`matched` how many names of the file are names of the model (None for model-zoo
+    files, whose names are converted).
+    """
+
+    def __init__(self, model, save_dir: str = "", *, save_to_disk: Optional[bool] = None,
+                 **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        # (path, data) of the checkpoint get_checkpoint_file verified, read once.
+        self._verified: Optional[Tuple[str, Dict[str, Any]]] = None
+        self._warned_empty_tag = False
+        self.unloaded: List[str] = []
+        self.incorrect_shapes: List[Tuple[str, tuple, tuple]] = []
+        self.matched: Optional[int] = None
+
+    # ------------------------------------------------------------------------- loading
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if self._verified is not None and _same_file(self._verified[0], filename):
+            data, self._verified = self._verified[1], None
+            return data
+        data = read_checkpoint(filename)
+        # detectron2 > 0.6 lets a URL ask for name matching: "...?matching_heuristics=True".
+        url = getattr(self, "_parsed_url_during_load", None)
+        if url is not None and parse_qs(url.query).get("matching_heuristics") == ["True"]:
+            data["matching_heuristics"] = True
+        return data
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        # Names the file shares with the model (model-zoo files are renamed while loading).
+        self.matched = (None if checkpoint.get("matching_heuristics", False) else
+                        len(set(checkpoint["model"]) & set(self.model.state_dict())))
+        incompatible = super()._load_model(checkpoint)
+        self.incorrect_shapes = [(k, tuple(a), tuple(b))
+                                 for k, a, b in incompatible.incorrect_shapes]
+        self.unloaded = list(incompatible.missing_keys) + [k for k, _, _ in
+                                                           self.incorrect_shapes]
+        return incompatible
+
+    # ------------------------------------------------------------------------- saving
+    def _local(self) -> bool:
+        # Atomic renames need a local directory; other PathManager back-ends keep
+        # detectron2's direct writes.
+        return bool(self.save_dir) and "://" not in self.save_dir
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Write ``<save_dir>/<name>.pth`` (model, checkpointables and ``kwargs``) atomically,
+        then name it in ``last_checkpoint``."""
+        if not self._local():
+            return super().save(name, **kwargs)
+        if not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        assert os.path.basename(save_file) == basename, basename
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        atomic_torch_save(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not self._local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
+
+    # ------------------------------------------------------------------------- resuming
+    def _resume_candidates(self) -> List[str]:
+        """The file named in ``last_checkpoint``, then the other ``model_*.pth``, newest
+        first."""
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        named = ""
+        if os.path.isfile(tag):
+            with open(tag) as f:
+                named = f.read().strip()
+            if not named and not self._warned_empty_tag:
+                self._warned_empty_tag = True
+                logger.warning(f"{tag} is empty (a crash while it was written?); looking for "
+                               f"the newest readable model_*.pth in {self.save_dir} instead")
+        others = sorted(glob.glob(os.path.join(glob.escape(self.save_dir), "model_*.pth")),
+                        key=lambda p: (os.path.getmtime(p), p), reverse=True)
+        first = [os.path.join(self.save_dir, named)] if named else []
+        return first + [p for p in others if not first or not _same_file(p, first[0])]
+
+    def has_checkpoint(self) -> bool:
+        """Whether ``save_dir`` has a checkpoint to resume from: ``last_checkpoint`` names
+        one, or there are ``model_*.pth`` files."""
+        if not self._local():
+            return super().has_checkpoint()
+        return bool(self._resume_candidates())
+
+    def get_checkpoint_file(self) -> str:
+        """The newest readable checkpoint of ``save_dir``, read in full to verify it (the
+        data is kept for the load that follows).
+
+        Raises:
+            CheckpointError: there are checkpoints but none of them is readable.
+        """
+        if not self._local():
+            return super().get_checkpoint_file()
+        self._verified = None
+        skipped = []
+        for path in self._resume_candidates():
+            if not os.path.isfile(path):
+                skipped.append(f"{path} does not exist")
+                logger.warning(f"last_checkpoint names {path}, which does not exist; trying "
+                               "the newest other checkpoint")
+                continue
+            try:
+                data = read_checkpoint(path)
+            except CheckpointError as e:
+                skipped.append(str(e))
+                logger.warning(f"Skipping a checkpoint that cannot be resumed from: {e}. "
+                               "Trying the next newest one")
+                continue
+            if skipped:
+                logger.warning(f"Resuming from {path}, the newest readable checkpoint (skipped "
+                               f"{len(skipped)} damaged or missing file(s))")
+            self._verified = (path, data)
+            return path
+        if not skipped:
+            return ""
+        raise CheckpointError(
+            f"No readable checkpoint to resume from in {self.save_dir}: "
+            + "; ".join(skipped)
+            + ". Move the damaged files away to start from MODEL.WEIGHTS, or train in a new "
+            "OUTPUT_DIR"
+        )
+
+    def ensure_final_model(self, iteration: int, max_iter: int,
+                           name: str = "model_final") -> str:
+        """After resuming a run whose ``max_iter`` is already reached: keep
+        ``<name>.pth`` if it is readable, else write it from the loaded state, and say so.
+
+        Returns:
+            the final model's path.
+        """
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        try:
+            read_checkpoint(path)
+            done = "kept"
+        except CheckpointError as e:
+            if os.path.exists(path):
+                logger.warning(f"Rewriting the unreadable final model: {e}")
+            self.save(name, iteration=iteration)
+            done = "written from it"
+        logger.warning(f"SOLVER.MAX_ITER {max_iter} is already reached: the checkpoint is at "
+                       f"iteration {iteration}, so there is nothing to train. Final model "
+                       f"{path}: {done}. Raise SOLVER.MAX_ITER to train longer")
+        return path
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+# ----------------------------------------------------------------------------- inference
+def _group(key: str) -> str:
+    """The part of a state-dict name that says where in the model it is: the module path up
+    to a block index, e.g. ``backbone.res4``, ``transformer.decoder.layers.3``,
+    ``class_embed``."""
+    parts = key.split(".")[:-1] or [key]
+    out: List[str] = []
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            if out and out[-1] == "layers":
+                out.append(p)
+            break
+        out.append(p)
+        if len(out) == 2 and not (i + 1 < len(parts) and parts[i + 1] == "layers"):
+            break
+    return ".".join(out)
+
+
+def describe_groups(keys: Iterable[str], limit: int = 8) -> str:
+    """``keys`` summarised by model part, e.g. ``transformer.decoder.layers.{3,4,5} (48),
+    class_embed (12)``."""
+    counts: Dict[str, int] = defaultdict(int)
+    for k in keys:
+        counts[_group(k)] += 1
+    # Layers of one stack that are all affected are listed together.
+    merged: Dict[str, Tuple[List[str], int]] = {}
+    for g, n in counts.items():
+        m = re.fullmatch(r"(.*\.layers)\.(\d+)", g)
+        base, idx = (m.group(1), m.group(2)) if m else (g, "")
+        ids, total = merged.get(base, ([], 0))
+        merged[base] = (ids + ([idx] if idx else []), total + n)
+    items = []
+    for base, (ids, n) in sorted(merged.items()):
+        ids = sorted(ids, key=int)
+        name = base + ("" if not ids else f".{ids[0]}" if len(ids) == 1 else
+                       ".{" + ",".join(ids) + "}")
+        items.append(f"{name} ({n})")
+    more = f", and {len(items) - limit} more part(s)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _refuse(message: str, allow_random_weights: bool) -> None:
+    if not allow_random_weights:
+        raise CheckpointError(f"{message}. To run anyway with random values there, pass "
+                              f"{_OVERRIDE}")
+    logger.warning(f"{message}. Running anyway ({_OVERRIDE})")
+
+
+def load_inference_weights(model: torch.nn.Module, weights: str, *, save_dir: str = "",
+                           resume: bool = False, allow_random_weights: bool = False,
+                           allowed_missing: Sequence[str] = ALLOWED_MISSING) -> str:
+    """Load the weights a model is evaluated or run with, and check they are complete.
+
+    Args:
+        weights: ``MODEL.WEIGHTS``, a path or URL.
+        save_dir, resume: with ``resume`` and a checkpoint in ``save_dir`` (``OUTPUT_DIR``),
+            load the newest readable one instead, as ``--eval-only --resume`` does.
+        allow_random_weights: warn instead of failing when there are no weights or they
+            leave model entries unloaded.
+        allowed_missing: regular expressions of state-dict names that may stay unloaded.
+
+    Returns:
+        the file loaded ("" when there was none and ``allow_random_weights``).
+
+    Raises:
+        CheckpointError: unreadable or unsafe file; no weights, or entries of the model
+            left unloaded (both unless ``allow_random_weights``); non-finite values.
+    """
+    checkpointer = SafeDetectionCheckpointer(model, save_dir=save_dir)
+    path = weights
+    if resume and save_dir and checkpointer.has_checkpoint():
+        path = checkpointer.get_checkpoint_file() or weights
+    if not path:
+        _refuse("No weights to run the model with: MODEL.WEIGHTS is empty, so every "
+                "parameter would keep its random initial value. Set MODEL.WEIGHTS to a "
+                "checkpoint of this config (e.g. OUTPUT_DIR/model_final.pth, or released "
+                "weights converted with tools/convert_weights.py)", allow_random_weights)
+        return ""
+    checkpointer.load(path, checkpointables=[])
+
+    allowed = [re.compile(p) for p in allowed_missing]
+    unloaded = [k for k in checkpointer.unloaded if not any(p.search(k) for p in allowed)]
+    if unloaded:
+        total = len([k for k in model.state_dict() if not any(p.search(k) for p in allowed)])
+        what = ("none of its tensors has the name of one of this model: it is a checkpoint "
+                "of another model" if checkpointer.matched == 0 else
+                f"it leaves {len(unloaded)} of the model's {total} tensors unloaded")
+        shapes = ""
+        if checkpointer.incorrect_shapes:
+            k, got, want = checkpointer.incorrect_shapes[0]
+            shapes = (f" ({len(checkpointer.incorrect_shapes)} of other shape, e.g. {k}: "
+                      f"{got} in the file, {want} in the model; check the config's sizes, "
+                      "e.g. MODEL.DEFORMABLE_DETR.NUM_CLASSES)")
+        _refuse(f"MODEL.WEIGHTS {path} does not fit this model: {what}{shapes}. Unloaded: "
+                f"{describe_groups(unloaded)}. Use a checkpoint trained with this config, or "
+                "convert released weights with tools/convert_weights.py and use the config it "
+                "prints", allow_random_weights)
+
+    bad = [k for k, v in model.state_dict().items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        where = ", ".join(bad) if len(bad) <= 3 else describe_groups(bad)
+        raise CheckpointError(
+            f"MODEL.WEIGHTS {path} holds NaN or infinite values in {len(bad)} tensor(s): "
+            f"{where}. The training that wrote it diverged; use an earlier checkpoint (a "
+            "lower learning rate or gradient clipping avoids this)")
+    return path

@@ -40,8 +40,12 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         on_cuda = cfg.MODEL.DEVICE.startswith("cuda")
         if cfg.SOLVER.AMP.ENABLED and not on_cuda:
-            raise ValueError(f"SOLVER.AMP.ENABLED needs MODEL.DEVICE cuda, got "
-                             f"{cfg.MODEL.DEVICE!r}")
+            # detectron2's AMPTrainer (0.6 and later) autocasts on CUDA only.
+            raise ValueError(
+                f"SOLVER.AMP.ENABLED needs MODEL.DEVICE cuda, got {cfg.MODEL.DEVICE!r}: "
+                "detectron2's AMPTrainer autocasts on CUDA only (the model itself runs under "
+                "torch.autocast('cpu', dtype=torch.bfloat16) too)"
+            )
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -75,6 +79,15 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "load_state_dict" not in DefaultTrainer.__dict__ and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, resuming from the newest readable checkpoint (see
+        :class:`SafeDetectionCheckpointer`); when that checkpoint already reached
+        ``SOLVER.MAX_ITER``, the final model is kept, or written, and the log says so."""
+        super().resume_or_load(resume=resume)
+        if resume and self.start_iter >= self.max_iter:
+            # No iteration will run, so the periodic checkpointer would never write it.
+            self.checkpointer.ensure_final_model(self.start_iter - 1, self.max_iter)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
