@@ -20,8 +20,12 @@ On a machine without CUDA, or with ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts
 processes that train with the gloo backend.
 
 ``--eval-only`` refuses to evaluate a model whose weights were not all loaded (no
-``MODEL.WEIGHTS``, or a file that misses some of the model's tensors); add
-``--allow-random-weights`` to evaluate it anyway.
+``MODEL.WEIGHTS``, or a file that misses some of the model's tensors or has no class-head
+row for some of the dataset's classes); add ``--allow-random-weights`` to evaluate it anyway.
+
+Weights of other classes (e.g. COCO's, to fine-tune on your dataset): the class heads get
+the rows of the classes named alike and the prior for the others
+(``MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT``, docs/custom_dataset.md).
 """
 import logging
 import sys
@@ -39,7 +43,7 @@ import deformable_detr  # noqa: F401  (registers the DeformableDETR meta-archite
 from deformable_detr import add_deformable_detr_config
 from deformable_detr.checkpoint import CheckpointError
 from deformable_detr.data import register_shapes_dataset
-from deformable_detr.engine import Trainer, launch, load_inference_weights
+from deformable_detr.engine import Trainer, class_head_options, launch, load_inference_weights
 
 logger = logging.getLogger("detectron2")
 
@@ -89,6 +93,7 @@ def main(args):
         load_inference_weights(
             model, cfg.MODEL.WEIGHTS, save_dir=cfg.OUTPUT_DIR, resume=args.resume,
             allow_random_weights=getattr(args, "allow_random_weights", False),
+            **class_head_options(cfg),
         )
         res = Trainer.test(cfg, model)
         if comm.is_main_process():

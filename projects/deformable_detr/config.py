@@ -36,6 +36,11 @@ def add_deformable_detr_config(cfg: CN) -> CN:
     # Run the backbone in channels-last memory layout (oneDNN's preferred layout for CPU
     # convolutions and a vectorised max-pool; the same numbers up to float rounding).
     c.BACKBONE_CHANNELS_LAST = False
+    # MODEL.WEIGHTS whose classes differ from the model's (those of DATASETS.TRAIN[0], else
+    # DATASETS.TEST[0]) in number or names, e.g. COCO weights for another dataset: "by_name"
+    # copies the class-head rows of the classes named alike (case-insensitive) and starts
+    # the others from the prior; "reinit" starts every class from the prior.
+    c.CLASS_HEAD_INIT = "by_name"
 
     # Optimizer: AdamW with three parameter groups (base lr; backbone lr x BACKBONE_MULTIPLIER;
     # sampling_offsets / reference_points lr x LINEAR_PROJ_MULTIPLIER) and gradient clipping

@@ -1,6 +1,13 @@
 """Converting released Deformable DETR weights (official and Hugging Face) to detectron2."""
 from .atomic_io import atomic_torch_save, atomic_write_text
-from .coco_classes import coco_contiguous_ids
+from .class_heads import (
+    CLASS_HEAD_INITS,
+    ClassHeadReport,
+    adapt_class_heads,
+    add_class_names,
+    prior_bias,
+)
+from .coco_classes import coco_class_names, coco_contiguous_ids
 from .convert import (
     FORMATS,
     ConversionResult,
@@ -25,14 +32,19 @@ from .safe_load import (
 from .variants import VARIANTS, ModelHParams, Variant, select_variant
 
 __all__ = [
+    "CLASS_HEAD_INITS",
     "FORMATS",
     "VARIANTS",
     "CheckpointError",
+    "ClassHeadReport",
     "ConversionResult",
+    "adapt_class_heads",
+    "add_class_names",
     "atomic_torch_save",
     "atomic_write_text",
     "ModelHParams",
     "Variant",
+    "coco_class_names",
     "coco_contiguous_ids",
     "convert_checkpoint",
     "convert_state_dict",
@@ -45,6 +57,7 @@ __all__ = [
     "load_torch_file",
     "official_key_names",
     "official_to_detectron2",
+    "prior_bias",
     "save_detectron2_checkpoint",
     "select_variant",
 ]

@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "NUM_COCO_ID_CLASSES",
     "class_rows",
+    "coco_class_names",
     "coco_contiguous_ids",
     "gather_class_rows",
     "scatter_class_rows",
@@ -36,6 +37,17 @@ def coco_contiguous_ids() -> tuple[int, ...]:
     ids = sorted(id_map, key=id_map.__getitem__)
     assert [id_map[i] for i in ids] == list(range(len(ids))) and len(ids) == 80, id_map
     return tuple(ids)
+
+
+@functools.lru_cache(maxsize=1)
+def coco_class_names() -> tuple[str, ...]:
+    """The 80 COCO class names, in detectron2's contiguous order: what a converted
+    checkpoint records as its ``thing_classes`` (the 'coco' mapping)."""
+    from detectron2.data import MetadataCatalog
+
+    names = tuple(MetadataCatalog.get("coco_2017_val").thing_classes)
+    assert len(names) == len(coco_contiguous_ids()), names
+    return names
 
 
 def class_rows(mapping: str, num_rows: int, encoder_head: bool = False) -> list[int]:

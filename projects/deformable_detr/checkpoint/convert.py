@@ -8,18 +8,19 @@ Example::
     print(result.summary())  # the variant and the config to use
     save_detectron2_checkpoint(result, "deformable_detr_r50.pth")
 
-    # then: DetectionCheckpointer(model).load("deformable_detr_r50.pth")
+    # then: MODEL.WEIGHTS deformable_detr_r50.pth (the file records COCO's 80 class names,
+    # so fine-tuning on another dataset copies the rows of the classes it shares with COCO)
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .atomic_io import atomic_torch_save
-from .coco_classes import NUM_COCO_ID_CLASSES
+from .coco_classes import NUM_COCO_ID_CLASSES, coco_class_names
 from .huggingface import (
     huggingface_config_hints,
     huggingface_to_official,
@@ -65,6 +66,10 @@ class ConversionResult:
     #: "coco" (91 COCO-id rows -> 80 classes) or "identity".
     class_mapping: str
     notes: list[str]
+    #: One name per class-head row, written as the checkpoint's "thing_classes": COCO's 80
+    #: for the "coco" mapping, a Hugging Face config's ``id2label`` for "identity"; None
+    #: when the source does not say.
+    class_names: Optional[list[str]] = None
 
     @property
     def config_file(self) -> str:
@@ -75,7 +80,9 @@ class ConversionResult:
         lines = [
             f"source format: {self.source_format}",
             f"variant:       {self.variant.name}",
-            f"classes:       {self.class_mapping} mapping",
+            f"classes:       {self.class_mapping} mapping, "
+            + (f"{len(self.class_names)} class names recorded" if self.class_names else
+               "no class names recorded (fine-tuning re-initialises mismatched class heads)"),
             f"config:        {self.config_file}",
         ]
         lines += [f"note: {n}" for n in self.notes]
@@ -186,8 +193,26 @@ def convert_state_dict(sd: dict[str, torch.Tensor], source_format: str,
     out = official_to_detectron2(sd, class_mapping, hp)
     if source_format == "official":
         variant_notes.append(OFFSET_NOTE)
+    if class_mapping == "coco":
+        names: Optional[list[str]] = list(coco_class_names())
+    else:
+        names = _id2label_names(hints.get("hf_config"), hp.num_classes)
     return ConversionResult(out, source_format, chosen, overrides, class_mapping,
-                            notes + variant_notes)
+                            notes + variant_notes, names)
+
+
+def _id2label_names(config: Optional[dict], num_classes: int) -> Optional[list[str]]:
+    """A Hugging Face config's ``id2label`` as one name per row, if it names every row."""
+    id2label = (config or {}).get("id2label")
+    if not isinstance(id2label, dict):
+        return None
+    try:
+        labels = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        return None
+    if sorted(labels) != list(range(num_classes)):
+        return None
+    return [labels[i] for i in range(num_classes)]
 
 
 def convert_checkpoint(path: str, format: str = "auto", class_mapping: str = "auto",
@@ -212,7 +237,7 @@ def convert_checkpoint(path: str, format: str = "auto", class_mapping: str = "au
 
 
 def save_detectron2_checkpoint(result: ConversionResult, path: str) -> None:
-    """Write ``{"model": state_dict, ...}`` for ``DetectionCheckpointer(model).load(path)``,
+    """Write ``{"model": state_dict, "thing_classes": names, ...}`` for ``MODEL.WEIGHTS``,
     through a temporary file renamed into place (an interrupted write leaves no partial
     file)."""
     atomic_torch_save(
@@ -222,6 +247,8 @@ def save_detectron2_checkpoint(result: ConversionResult, path: str) -> None:
                           f"{result.variant.name})",
             # Names already match the model exactly; no fuzzy matching on load.
             "matching_heuristics": False,
+            # Fine-tuning on another dataset copies the rows of the classes named alike.
+            **({"thing_classes": list(result.class_names)} if result.class_names else {}),
         },
         path,
     )

@@ -1,6 +1,8 @@
 from .checkpointer import (
     ALLOWED_MISSING,
     SafeDetectionCheckpointer,
+    class_head_options,
+    dataset_class_names,
     load_inference_weights,
     load_pickle_weights,
     read_checkpoint,
@@ -10,4 +12,5 @@ from .launch import launch
 from .trainer import Trainer
 
 __all__ = ["ALLOWED_MISSING", "SafeDetectionCheckpointer", "Trainer", "check_num_classes",
-           "launch", "load_inference_weights", "load_pickle_weights", "read_checkpoint"]
+           "class_head_options", "dataset_class_names", "launch", "load_inference_weights",
+           "load_pickle_weights", "read_checkpoint"]

@@ -6,27 +6,43 @@
   a kill mid-write leaves the previous checkpoint intact.
 - Resuming verifies the checkpoint it picks and falls back to the newest readable one.
 - :func:`load_inference_weights` refuses weights that leave the model partly random.
+- Saving records the training dataset's class names (``"thing_classes"``); loading weights
+  of other classes rebuilds the class heads for the model's classes
+  (``MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT``, :mod:`..checkpoint.class_heads`).
 """
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from fvcore.common.checkpoint import _strip_prefix_if_present
 
 from ..checkpoint.atomic_io import atomic_torch_save, atomic_write_text
+from ..checkpoint.class_heads import (
+    CLASS_HEAD_INITS,
+    HOW_TO_NAME,
+    ClassHeadReport,
+    adapt_class_heads,
+    checkpoint_class_names,
+    class_head_keys,
+)
 from ..checkpoint.safe_load import CheckpointError, load_pickle_weights, load_torch_file
 
 __all__ = [
     "ALLOWED_MISSING",
     "SafeDetectionCheckpointer",
+    "class_head_options",
+    "dataset_class_names",
     "load_inference_weights",
     "load_pickle_weights",
     "read_checkpoint",
@@ -87,6 +103,56 @@ def _check_state_dict(sd: Any, path: str) -> None:
                                   f"{type(v).__name__}, not a tensor; {_SAVE_HINT}")
 
 
+# ----------------------------------------------------------------------------- class names
+ClassNames = Union[Sequence[str], Callable[[], Optional[Sequence[str]]], None]
+
+
+def _json_class_names(json_file: str) -> Optional[List[str]]:
+    """The class names of a COCO-format json, in the order detectron2's ``load_coco_json``
+    gives them (by category id), without building its index."""
+    with open(json_file) as f:
+        cats = json.load(f).get("categories") or []
+    return [c["name"] for c in sorted(cats, key=lambda c: c["id"])] or None
+
+
+def dataset_class_names(cfg) -> Optional[List[str]]:
+    """The model's class names: ``thing_classes`` of ``DATASETS.TRAIN[0]``, else of
+    ``DATASETS.TEST[0]``; None when neither has ``NUM_CLASSES`` of them.
+
+    A COCO-format dataset registered with ``register_coco_instances`` gets its names when
+    its json is read; if that has not happened yet, the names are read from the json's
+    categories (the dataset itself is not loaded).
+    """
+    num_classes = cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES
+    for name in list(cfg.DATASETS.TRAIN[:1]) + list(cfg.DATASETS.TEST[:1]):
+        meta = MetadataCatalog.get(name)
+        names = meta.get("thing_classes", None)
+        json_file = meta.get("json_file", None)
+        if names is None and json_file and name in DatasetCatalog.list():
+            try:
+                names = _json_class_names(json_file)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                logger.debug(f"No class names from {json_file}: {e}")
+        if names is not None and len(names) == num_classes:
+            return list(names)
+    return None
+
+
+def class_head_options(cfg) -> Dict[str, Any]:
+    """Keyword arguments of :class:`SafeDetectionCheckpointer` and
+    :func:`load_inference_weights` for a config: the model's class names (looked up when
+    first needed, see :func:`dataset_class_names`) and ``CLASS_HEAD_INIT``.
+
+    Raises:
+        ValueError: an unknown ``MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT``.
+    """
+    mode = cfg.MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT
+    if mode not in CLASS_HEAD_INITS:
+        raise ValueError(f"MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT must be one of "
+                         f"{CLASS_HEAD_INITS}, got {mode!r}")
+    return {"class_names": lambda: dataset_class_names(cfg), "class_head_init": mode}
+
+
 class SafeDetectionCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` that runs no pickled code, writes atomically and
     resumes from the newest readable checkpoint.
@@ -98,15 +164,33 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     of ``save_dir`` are tried, newest first, with a warning. Everything else (model-zoo name
     matching, DDP handling, checkpointables) is detectron2's.
 
+    Class names (``class_names``: the model's, or a function returning them when first
+    needed; :func:`class_head_options` makes both arguments from a config): saving writes
+    them as ``"thing_classes"`` beside ``"model"``. Loading a file whose class heads have
+    other classes (in number, or in names when both sides have names) rebuilds the heads
+    for the model's classes first, as ``class_head_init`` says ("by_name": the rows of the
+    classes named alike are copied, the others start from the prior; "reinit": all start
+    from the prior; see :mod:`..checkpoint.class_heads`), with one log line instead of a
+    warning per tensor.
+
     After each load, :attr:`unloaded` lists the model's state-dict entries the file did not
-    fill (missing, or of another shape), :attr:`incorrect_shapes` the shape mismatches and
+    fill (missing, or of another shape), :attr:`incorrect_shapes` the shape mismatches,
     :attr:`matched` how many names of the file are names of the model (None for model-zoo
-    files, whose names are converted).
+    files, whose names are converted) and :attr:`class_heads` what was done to the class
+    heads (None: loaded as they were).
     """
 
     def __init__(self, model, save_dir: str = "", *, save_to_disk: Optional[bool] = None,
+                 class_names: ClassNames = None, class_head_init: str = "by_name",
                  **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        if class_head_init not in CLASS_HEAD_INITS:
+            raise ValueError(f"class_head_init must be one of {CLASS_HEAD_INITS}, got "
+                             f"{class_head_init!r}")
+        self.class_head_init = class_head_init
+        self._class_names = class_names
+        self.class_heads: Optional[ClassHeadReport] = None
+        self._loading = ""
         # (path, data) of the checkpoint get_checkpoint_file verified, read once.
         self._verified: Optional[Tuple[str, Dict[str, Any]]] = None
         self._warned_empty_tag = False
@@ -114,8 +198,20 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         self.incorrect_shapes: List[Tuple[str, tuple, tuple]] = []
         self.matched: Optional[int] = None
 
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The model's class names (None when unknown); a function given as ``class_names``
+        is called until it returns names."""
+        names = self._class_names
+        if callable(names):
+            names = names()
+            if names is not None:
+                self._class_names = names
+        return list(names) if names is not None else None
+
     # ------------------------------------------------------------------------- loading
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        self._loading = filename
         if self._verified is not None and _same_file(self._verified[0], filename):
             data, self._verified = self._verified[1], None
             return data
@@ -130,12 +226,53 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         # Names the file shares with the model (model-zoo files are renamed while loading).
         self.matched = (None if checkpoint.get("matching_heuristics", False) else
                         len(set(checkpoint["model"]) & set(self.model.state_dict())))
+        self.class_heads = None
+        if not checkpoint.get("matching_heuristics", False):
+            self._adapt_class_heads(checkpoint)
         incompatible = super()._load_model(checkpoint)
         self.incorrect_shapes = [(k, tuple(a), tuple(b))
                                  for k, a, b in incompatible.incorrect_shapes]
         self.unloaded = list(incompatible.missing_keys) + [k for k, _, _ in
                                                            self.incorrect_shapes]
         return incompatible
+
+    def _adapt_class_heads(self, checkpoint: Dict[str, Any]) -> None:
+        sd = checkpoint["model"]
+        # As detectron2 does next: names saved from a DistributedDataParallel wrapper.
+        _strip_prefix_if_present(sd, "module.")
+        model_sd = self.model.state_dict()
+        heads = class_head_keys(k for k in model_sd if k in sd)
+        if not heads:
+            return
+        first = next((ps["weight"] for ps in heads.values() if "weight" in ps), None)
+        rows = np.shape(sd[first])[0] if first is not None else None
+        ckpt_names, why = checkpoint_class_names(checkpoint, rows)
+        if ckpt_names is None and checkpoint.get("thing_classes") is not None:
+            logger.warning(f"{self._loading} {why}; its class names are not used")
+        shapes_differ = any(tuple(np.shape(sd[k])) != tuple(model_sd[k].shape)
+                            for ps in heads.values() for k in ps.values())
+        # Model names are looked up only when they can matter (they may read a json).
+        model_names = self.class_names if (ckpt_names is not None or shapes_differ) else None
+        two_stage = getattr(self.model, "two_stage", None)
+        if two_stage is None:
+            two_stage = "transformer.enc_output.weight" in model_sd
+        encoder = max(int(h.rsplit(".", 1)[1]) for h in heads) if two_stage else None
+        report = adapt_class_heads(sd, model_sd, checkpoint_names=ckpt_names,
+                                   model_names=model_names, mode=self.class_head_init,
+                                   encoder_head_index=encoder, missing_checkpoint_names=why)
+        if report is None:
+            return
+        self.class_heads = report
+        logger.info(report.message(self._loading or "the checkpoint"))
+        if report.missing_names:
+            fix = (f"To copy the rows of the classes it shares with this model, give the file "
+                   f"its class names: {HOW_TO_NAME}" if ckpt_names is None else
+                   "Give the dataset its class names (thing_classes in its metadata, or the "
+                   "categories of its COCO json)")
+            logger.warning(f"MODEL.WEIGHTS {self._loading}: {report.missing_names}, so its "
+                           f"class heads ({report.checkpoint_rows} classes) cannot be matched "
+                           f"by name to this model's {len(report.model_classes)} classes: every "
+                           f"class starts from the prior (reinit). {fix}")
 
     # ------------------------------------------------------------------------- saving
     def _local(self) -> bool:
@@ -147,10 +284,16 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         """Write ``<save_dir>/<name>.pth`` (model, checkpointables and ``kwargs``) atomically,
         then name it in ``last_checkpoint``."""
         if not self._local():
-            return super().save(name, **kwargs)
+            names = self.class_names
+            extra = {"thing_classes": names} if names is not None else {}
+            return super().save(name, **{**extra, **kwargs})
         if not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        names = self.class_names
+        if names is not None:
+            # Fine-tuning from this file copies the rows of the classes named alike.
+            data["thing_classes"] = names
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -306,7 +449,9 @@ def _refuse(message: str, allow_random_weights: bool) -> None:
 
 def load_inference_weights(model: torch.nn.Module, weights: str, *, save_dir: str = "",
                            resume: bool = False, allow_random_weights: bool = False,
-                           allowed_missing: Sequence[str] = ALLOWED_MISSING) -> str:
+                           allowed_missing: Sequence[str] = ALLOWED_MISSING,
+                           class_names: ClassNames = None,
+                           class_head_init: str = "by_name") -> str:
     """Load the weights a model is evaluated or run with, and check they are complete.
 
     Args:
@@ -316,6 +461,10 @@ def load_inference_weights(model: torch.nn.Module, weights: str, *, save_dir: st
         allow_random_weights: warn instead of failing when there are no weights or they
             leave model entries unloaded.
         allowed_missing: regular expressions of state-dict names that may stay unloaded.
+        class_names, class_head_init: the model's classes and what to do with class heads of
+            other classes (see :class:`SafeDetectionCheckpointer`; :func:`class_head_options`
+            makes both from a config). Classes of the model that the file has no row for
+            (the prior rows) count as unloaded: their scores would be untrained.
 
     Returns:
         the file loaded ("" when there was none and ``allow_random_weights``).
@@ -324,7 +473,8 @@ def load_inference_weights(model: torch.nn.Module, weights: str, *, save_dir: st
         CheckpointError: unreadable or unsafe file; no weights, or entries of the model
             left unloaded (both unless ``allow_random_weights``); non-finite values.
     """
-    checkpointer = SafeDetectionCheckpointer(model, save_dir=save_dir)
+    checkpointer = SafeDetectionCheckpointer(model, save_dir=save_dir, class_names=class_names,
+                                             class_head_init=class_head_init)
     path = weights
     if resume and save_dir and checkpointer.has_checkpoint():
         path = checkpointer.get_checkpoint_file() or weights
@@ -353,6 +503,14 @@ def load_inference_weights(model: torch.nn.Module, weights: str, *, save_dir: st
                 f"{describe_groups(unloaded)}. Use a checkpoint trained with this config, or "
                 "convert released weights with tools/convert_weights.py and use the config it "
                 "prints", allow_random_weights)
+    heads = checkpointer.class_heads
+    if heads is not None and heads.initialised:
+        shown = ", ".join(heads.initialised[:8]) + (", ..." if len(heads.initialised) > 8 else "")
+        _refuse(f"MODEL.WEIGHTS {path} has no class-head rows for {len(heads.initialised)} of "
+                f"this model's {len(heads.model_classes)} classes ({shown}; CLASS_HEAD_INIT "
+                f"{heads.mode}): their scores would be untrained. Fine-tune "
+                "on this dataset first (train_net.py with these weights as MODEL.WEIGHTS) and "
+                "use the model it writes", allow_random_weights)
 
     bad = [k for k, v in model.state_dict().items()
            if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -1,19 +1,23 @@
-"""Running a trained model on image files: what ``tools/demo.py`` and
-``tools/visualize_attention.py`` share (config, weights, image list, per-image loop).
+"""Running a trained model on images: the batched predictors and what ``tools/demo.py`` and
+``tools/visualize_attention.py`` share (config, weights, image list, loops over images).
 
 The weights are loaded by :func:`.checkpointer.load_inference_weights`: no pickled code runs,
 and weights that leave the model partly random are refused.
 
-Images run one at a time (batch 1), so a picture's detections do not depend on the other
-images: in a batch, images of different sizes are padded to the largest, and the padding
-changes the detections of the padded images slightly (the published model does the same).
+:class:`Predictor` takes a list of images and returns a list of ``Instances``. By default an
+image's detections do not depend on the other images of the call: images of equal resized
+size run together, others separately. ``pad_batches=True`` pads images of different sizes
+into one batch (faster), which changes the padded images' detections slightly, as batches do
+in the published model. ``deformable_detr.export.OnnxPredictor`` does the same with an
+exported ONNX model.
 """
 from __future__ import annotations
 
+import difflib
 import glob
 import logging
 import os
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +26,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+from detectron2.structures import Instances
 from detectron2.utils.file_io import PathManager
 
 from ..checkpoint.safe_load import CheckpointError
@@ -32,12 +37,16 @@ from .checkpointer import load_inference_weights
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "BatchPredictor",
     "Predictor",
     "check_output_dir",
     "check_weights",
+    "for_each_batch",
     "for_each_image",
     "get_metadata",
     "list_images",
+    "load_model",
+    "merge_opts",
     "output_path",
     "prepare",
     "read_image",
@@ -51,17 +60,49 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 def setup_cfg(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     """detectron2 config with the Deformable DETR keys, ``config_file`` and ``opts`` merged;
-    ``MODEL.DEVICE`` falls back to the CPU when CUDA is not available."""
+    ``MODEL.DEVICE`` falls back to the CPU when CUDA is not available.
+
+    Raises:
+        FileNotFoundError: no such config file.
+        ValueError: ``opts`` is not KEY VALUE pairs, names a key the config does not have
+            (with the closest keys as suggestions) or gives a value of the wrong type.
+    """
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"Config file not found: {config_file}")
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    merge_opts(cfg, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
+
+
+def _config_keys(cfg: CfgNode, prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys += (_config_keys(v, f"{prefix}{k}.") if isinstance(v, CfgNode)
+                 else [f"{prefix}{k}"])
+    return keys
+
+
+def merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
+    """``cfg.merge_from_list(opts)`` with errors that say what to fix (a ValueError)."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ValueError(f"config options must be KEY VALUE pairs, got an odd number "
+                         f"({len(opts)}): {' '.join(map(str, opts))}")
+    keys = _config_keys(cfg)
+    for key in opts[0::2]:
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), keys, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"unknown config key {key!r}{hint}")
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ValueError(f"bad config option: {e}") from None
 
 
 def check_weights(weights: str) -> None:
@@ -140,33 +181,48 @@ def get_metadata(cfg: CfgNode):
     return meta
 
 
-class Predictor:
-    """A model in eval mode with its weights and the test-time resize of the data mapper
-    (``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``), applied to one image at a time.
+class BatchPredictor:
+    """Images in, detections out, in batches: what :class:`Predictor` (the PyTorch model) and
+    ``deformable_detr.export.OnnxPredictor`` (an exported model) share.
 
-    Raises (on construction):
-        FileNotFoundError: ``MODEL.WEIGHTS`` names a missing file.
-        CheckpointError: unreadable, unsafe or non-finite weights; no weights or weights
-            that leave the model partly random, unless ``allow_random_weights``.
-        RuntimeError: the weights could not be fetched.
+    As detectron2's ``DefaultPredictor``, each image is resized as the test-time mapper does
+    (short side ``INPUT.MIN_SIZE_TEST``, long side at most ``INPUT.MAX_SIZE_TEST``) and the
+    detections come back in the original image's pixels; unlike it, a call takes a list of
+    images and returns a list of ``Instances`` (one image in, one ``Instances`` out also
+    works).
+
+    Batching. By default images whose resized sizes are equal run together (no padding) and
+    the others in batches of their own, so an image's detections do not depend on the other
+    images of the call. With ``pad_batches`` images of different sizes are padded to one
+    batch instead: fewer, larger batches, but the padding changes the detections of the
+    padded images, because the backbone and the GroupNorms of the input projection see it
+    (as in the published model, which trains and evaluates that way).
+
+    Args:
+        augmentations: the test-time resize.
+        input_format: channel order of the images given (``INPUT.FORMAT``).
+        max_batch_size: at most this many images per forward (bounds the memory).
+        pad_batches: pad images of different sizes into one batch (see above).
     """
 
-    def __init__(self, cfg: CfgNode, *, allow_random_weights: bool = False):
-        check_weights(cfg.MODEL.WEIGHTS)
-        self.cfg = cfg
-        self.model = build_model(cfg).eval()
-        try:
-            load_inference_weights(self.model, cfg.MODEL.WEIGHTS,
-                                   allow_random_weights=allow_random_weights)
-        except CheckpointError as e:
-            raise CheckpointError(f"Cannot load MODEL.WEIGHTS: {e}") from None
-        except OSError as e:  # a URL that cannot be fetched, an unreadable file
-            raise RuntimeError(f"Cannot load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
-        self.augmentations = T.AugmentationList(build_detr_augmentation(cfg, is_train=False))
-        self.image_format = cfg.INPUT.FORMAT
+    def __init__(self, *, augmentations: Sequence[T.Augmentation], input_format: str,
+                 max_batch_size: int = 8, pad_batches: bool = False):
+        if int(max_batch_size) < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.augmentations = T.AugmentationList(list(augmentations))
+        self.image_format = input_format
+        self.max_batch_size = int(max_batch_size)
+        self.pad_batches = bool(pad_batches)
 
     def make_input(self, image: np.ndarray) -> dict:
-        """The model's input dict for an [H, W, 3] image in ``INPUT.FORMAT``."""
+        """The model's input dict for an [H, W, 3] uint8 image in ``INPUT.FORMAT``:
+        "image" uint8 [3, h, w] resized, "height"/"width" the original size."""
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 \
+                or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+            what = (f"a {image.dtype} array of shape {list(image.shape)}"
+                    if isinstance(image, np.ndarray) else type(image).__name__)
+            raise ValueError(f"an image must be an [H, W, 3] uint8 array in {self.image_format}"
+                             f" (e.g. from read_image(path, '{self.image_format}')), got {what}")
         aug_input = T.AugInput(image)
         self.augmentations(aug_input)
         resized = aug_input.image
@@ -176,14 +232,87 @@ class Predictor:
             "width": image.shape[1],
         }
 
+    def batches(self, inputs: Sequence[dict]) -> List[List[int]]:
+        """Indices of ``inputs`` per forward: equal sizes together (all together with
+        ``pad_batches``), in order of first appearance, at most ``max_batch_size`` each."""
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i, x in enumerate(inputs):
+            key = () if self.pad_batches else tuple(x["image"].shape[-2:])
+            groups.setdefault(key, []).append(i)
+        k = self.max_batch_size
+        return [g[j:j + k] for g in groups.values() for j in range(0, len(g), k)]
+
+    def predict_batch(self, inputs: List[dict]) -> List[Instances]:
+        """Detections (CPU ``Instances`` in the original pixels) of one batch of inputs from
+        :meth:`make_input`; subclasses run their model here."""
+        raise NotImplementedError
+
+    def __call__(self, images):
+        """
+        Args:
+            images: a list of [H, W, 3] uint8 arrays in ``INPUT.FORMAT``, or one such array.
+
+        Returns:
+            a list of ``Instances`` (one per image, in order; a single ``Instances`` for a
+            single array) with ``pred_boxes`` (XYXY in the original image's pixels),
+            ``scores`` and ``pred_classes``, sorted by score.
+        """
+        single = isinstance(images, np.ndarray)
+        inputs = [self.make_input(image) for image in ([images] if single else images)]
+        results: List[Optional[Instances]] = [None] * len(inputs)
+        for batch in self.batches(inputs):
+            for i, result in zip(batch, self.predict_batch([inputs[i] for i in batch])):
+                results[i] = result
+        return results[0] if single else results
+
+
+class Predictor(BatchPredictor):
+    """The PyTorch model in eval mode with its weights (:class:`BatchPredictor` for the
+    batching; ``model`` is the ``DeformableDETR``).
+
+    Args:
+        cfg: the config (``MODEL.WEIGHTS``, ``MODEL.DEVICE``, ``INPUT.*``).
+        allow_random_weights: run even when the weights leave the model partly random.
+        max_batch_size, pad_batches: see :class:`BatchPredictor`.
+
+    Raises (on construction):
+        FileNotFoundError: ``MODEL.WEIGHTS`` names a missing file.
+        CheckpointError: unreadable, unsafe or non-finite weights; no weights or weights
+            that leave the model partly random, unless ``allow_random_weights``.
+        RuntimeError: the weights could not be fetched.
+    """
+
+    def __init__(self, cfg: CfgNode, *, allow_random_weights: bool = False,
+                 max_batch_size: int = 8, pad_batches: bool = False):
+        super().__init__(augmentations=build_detr_augmentation(cfg, is_train=False),
+                         input_format=cfg.INPUT.FORMAT, max_batch_size=max_batch_size,
+                         pad_batches=pad_batches)
+        self.cfg = cfg
+        self.model = load_model(cfg, allow_random_weights=allow_random_weights)
+
     @torch.no_grad()
-    def __call__(self, image: np.ndarray):
-        """Instances in the original image's pixels (boxes XYXY), sorted by score."""
-        return self.model([self.make_input(image)])[0]["instances"].to("cpu")
+    def predict_batch(self, inputs: List[dict]) -> List[Instances]:
+        return [out["instances"].to("cpu") for out in self.model(inputs)]
+
+
+def load_model(cfg: CfgNode, *, allow_random_weights: bool = False) -> torch.nn.Module:
+    """The model of ``cfg`` in eval mode with ``MODEL.WEIGHTS`` loaded by
+    :func:`.checkpointer.load_inference_weights` (errors as :class:`Predictor`)."""
+    check_weights(cfg.MODEL.WEIGHTS)
+    model = build_model(cfg).eval()
+    try:
+        load_inference_weights(model, cfg.MODEL.WEIGHTS,
+                               allow_random_weights=allow_random_weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"Cannot load MODEL.WEIGHTS: {e}") from None
+    except OSError as e:  # a URL that cannot be fetched, an unreadable file
+        raise RuntimeError(f"Cannot load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}") from e
+    return model
 
 
 def prepare(config_file: str, opts: Sequence[str], inputs: Sequence[str], output: str,
-            allow_random_weights: bool = False):
+            allow_random_weights: bool = False, *, max_batch_size: int = 8,
+            pad_batches: bool = False):
     """The set-up the drawing tools share: the config, the list of images, the model (and the
     built-in dataset's class names, registered if missing) and its metadata; makes the output
     folder. Everything that can be checked without the model is checked first. Raises
@@ -198,7 +327,8 @@ def prepare(config_file: str, opts: Sequence[str], inputs: Sequence[str], output
     images = list_images(inputs)
     if "shapes_val" not in DatasetCatalog.list():
         register_shapes_dataset()  # names and colours of the built-in dataset's classes
-    predictor = Predictor(cfg, allow_random_weights=allow_random_weights)
+    predictor = Predictor(cfg, allow_random_weights=allow_random_weights,
+                          max_batch_size=max_batch_size, pad_batches=pad_batches)
     metadata = get_metadata(cfg)
     PathManager.mkdirs(output)
     return cfg, images, predictor, metadata
@@ -216,6 +346,41 @@ def for_each_image(images: Sequence[str], image_format: str,
         except (FileNotFoundError, ValueError) as e:
             logger.error(str(e))
             failed += 1
+    if failed:
+        logger.error(f"{failed} of {len(images)} images failed")
+    return 1 if failed else 0
+
+
+def for_each_batch(images: Sequence[str], image_format: str, batch_size: int,
+                   predictor: Callable[[List[np.ndarray]], List[Instances]],
+                   handle: Callable[[str, np.ndarray, Instances], None],
+                   check: Optional[Callable[[str, np.ndarray], None]] = None) -> int:
+    """Read ``batch_size`` images at a time, run ``predictor`` on them in one call and call
+    ``handle(path, image, instances)`` for each. An image that cannot be read, fails
+    ``check(path, image)`` (run before the prediction) or ``handle`` (FileNotFoundError,
+    ValueError) is reported by name and skipped. Returns the exit status: 1 if any image
+    failed, else 0."""
+    failed = 0
+    for start in range(0, len(images), batch_size):
+        batch = []
+        for path in images[start:start + batch_size]:
+            try:
+                image = read_image(path, image_format)
+                if check is not None:
+                    check(path, image)
+                batch.append((path, image))
+            except (FileNotFoundError, ValueError) as e:
+                logger.error(str(e))
+                failed += 1
+        if not batch:
+            continue
+        results = predictor([image for _, image in batch])
+        for (path, image), instances in zip(batch, results):
+            try:
+                handle(path, image, instances)
+            except (FileNotFoundError, ValueError) as e:
+                logger.error(str(e))
+                failed += 1
     if failed:
         logger.error(f"{failed} of {len(images)} images failed")
     return 1 if failed else 0

@@ -16,7 +16,7 @@ from detectron2.utils.logger import setup_logger
 from ..data.dataset_mapper import DeformableDetrDatasetMapper
 from ..solver import build_optimizer
 from ..utils.build_info import detectron2_has_compiled_ops
-from .checkpointer import SafeDetectionCheckpointer
+from .checkpointer import SafeDetectionCheckpointer, class_head_options
 from .checks import check_num_classes
 
 __all__ = ["Trainer"]
@@ -24,7 +24,8 @@ __all__ = ["Trainer"]
 
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with the Deformable DETR data mapper, optimizer, COCO evaluation and
-    a checkpointer that runs no pickled code.
+    a checkpointer that runs no pickled code, records the training dataset's class names and
+    loads weights of other classes as ``MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT`` says.
 
     It also trains on CPUs with several processes: the model is wrapped in
     ``DistributedDataParallel`` without ``device_ids`` when ``MODEL.DEVICE`` is not CUDA
@@ -59,9 +60,10 @@ class Trainer(DefaultTrainer):
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        # Reads checkpoints and MODEL.WEIGHTS without running pickled code.
+        # Reads checkpoints and MODEL.WEIGHTS without running pickled code; saves the
+        # dataset's class names and fits class heads of other classes (CLASS_HEAD_INIT).
         self.checkpointer = SafeDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **class_head_options(cfg)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER

@@ -58,6 +58,10 @@ class MSDeformAttn(nn.Module):
         # ``self.last_sampling`` for visualisation and analysis.
         self.record_sampling = False
         self.last_sampling = None
+        # When set, a function with ms_deform_attn's signature called instead of attn_impl:
+        # export swaps in implementations its formats can express
+        # (deformable_detr.export.use_attention). Not a parameter: never saved.
+        self.core_override = None
 
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
@@ -87,6 +91,8 @@ class MSDeformAttn(nn.Module):
 
     def _core(self, value):
         global _warned_fallback
+        if self.core_override is not None:
+            return self.core_override
         impl = self.attn_impl
         if impl == "auto":
             impl = "compiled" if has_compiled_op(value.device) else "pytorch"

@@ -77,9 +77,11 @@ def encoder_reference_points(spatial_shapes, valid_ratios: torch.Tensor) -> torc
         spatial_shapes = spatial_shapes.tolist()
     reference_points_list = []
     for lvl, (h, w) in enumerate(spatial_shapes):
+        # arange + 0.5 equals linspace(0.5, h - 0.5, h) bit for bit, and keeps a symbolic h
+        # symbolic under torch.export (linspace specialises it).
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=device) + 0.5,
             indexing="ij",
         )
         # valid_ratio * size (not the integer valid count) as the published model.

@@ -22,8 +22,9 @@ def _shapes_tensor(spatial_shapes: Sequence[tuple[int, int]], device: torch.devi
 
     ``torch.as_tensor(..., device="cuda")`` copies from pageable memory, which blocks the host
     until the device has run everything queued before; a copy from pinned memory does not.
+    ``torch.tensor`` (not ``as_tensor``) keeps symbolic sizes symbolic under ``torch.export``.
     """
-    shapes = torch.as_tensor(spatial_shapes, dtype=torch.long).view(-1, 2)
+    shapes = torch.tensor(spatial_shapes, dtype=torch.long).view(-1, 2)
     if device.type == "cuda":
         shapes = shapes.pin_memory().to(device, non_blocking=True)
     return shapes.to(device)

@@ -81,6 +81,19 @@ class MultiScaleAdapter(nn.Module):
         """Nominal stride of each output level (the backbone's, doubled per extra level)."""
         return list(self._strides)
 
+    def project(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The ``num_levels`` maps [N, hidden_dim, H_l, W_l] of :meth:`forward`, without
+        the masks (export makes its masks from the image sizes)."""
+        srcs = []
+        for name, proj in zip(self.in_features, self.input_proj):
+            srcs.append(proj(features[name]))
+        for lvl in range(len(self.in_features), self.num_levels):
+            if lvl == len(self.in_features):
+                srcs.append(self.input_proj[lvl](features[self.in_features[-1]]))
+            else:
+                srcs.append(self.input_proj[lvl](srcs[-1]))
+        return srcs
+
     def forward(self, features: dict[str, torch.Tensor], mask: torch.Tensor
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """
@@ -93,14 +106,7 @@ class MultiScaleAdapter(nn.Module):
             masks: ``num_levels`` bool tensors [N, H_l, W_l]: the image mask resized to each
                 level with nearest interpolation.
         """
-        srcs = []
-        for name, proj in zip(self.in_features, self.input_proj):
-            srcs.append(proj(features[name]))
-        for lvl in range(len(self.in_features), self.num_levels):
-            if lvl == len(self.in_features):
-                srcs.append(self.input_proj[lvl](features[self.in_features[-1]]))
-            else:
-                srcs.append(self.input_proj[lvl](srcs[-1]))
+        srcs = self.project(features)
         masks = [
             F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
             for src in srcs

@@ -38,9 +38,11 @@ def gen_encoder_output_proposals(memory_padding_mask: torch.Tensor, spatial_shap
         mask_l = memory_padding_mask[:, cur:cur + h * w].view(n, h, w, 1)
         valid_h = torch.sum(~mask_l[:, :, 0, 0], 1)
         valid_w = torch.sum(~mask_l[:, 0, :, 0], 1)
+        # arange equals linspace(0, h - 1, h) bit for bit, and keeps a symbolic h symbolic
+        # under torch.export (linspace specialises it).
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=torch.float32, device=device),
-            torch.linspace(0, w - 1, w, dtype=torch.float32, device=device),
+            torch.arange(h, dtype=torch.float32, device=device),
+            torch.arange(w, dtype=torch.float32, device=device),
             indexing="ij",
         )
         grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
