@@ -417,10 +417,10 @@ MUTANTS = {
     "loop_exit": ([Mutation(r"(const bool active = g < loop\.num_groups;)",
                             r"\1\n    if (!active) break;", count=2, regex=True)],
                   "deadlock", False),
-    # The corner broadcasts without the group width: every group reads the first group's
-    # samples.
-    "width": ([Mutation("__shfl_sync(kFullMask, pos[j], k, G)",
-                        "__shfl_sync(kFullMask, pos[j], k)", count=2)], "mismatch", False),
+    # A field of the sample broadcast without the group width: every group reads the first
+    # group's fractional part (positions stay in bounds, so only the values go wrong).
+    "width": ([Mutation("r.lh = __shfl_sync(kFullMask, m.lh, src, G);",
+                        "r.lh = __shfl_sync(kFullMask, m.lh, src);")], "mismatch", False),
     # The butterfly reduction skips its first step: half of each dot product is lost.
     "butterfly": ([Mutation("for (int offset = G / 2; offset > 0; offset /= 2)",
                             "for (int offset = G / 4; offset > 0; offset /= 2)")],

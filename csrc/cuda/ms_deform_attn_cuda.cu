@@ -7,14 +7,15 @@
 // G chunks). So the lanes of a group read one value row as consecutive, coalesced loads.
 //
 // A sample's corners are computed once per group: lane j locates sample i0 + j of the head's
-// L*P samples, and the group then walks those samples one by one, the owner broadcasting the
-// four corner positions and weights with warp shuffles. Shuffles need every lane named in
+// L*P samples, and the group then walks those samples one by one, the owner broadcasting
+// what the others need to rebuild the corners (SampleMessage) with warp shuffles. Shuffles need every lane named in
 // their mask, so the loops are uniform across a warp: a warp iterates over its first group's
 // index and lanes past the end stay in the loop with nothing to do.
 //
-// Backward: each lane sums grad_out . value over its channels for the four corners; a
-// butterfly of shuffles within the group reduces those partial dot products, from which the
-// sample's owner writes the location and weight gradients (no atomics, no shared memory).
+// Backward: each lane forms, over its channels, the sample's weight gradient and its
+// derivatives along h and w (all linear in the corners' grad_out . value); a butterfly of
+// shuffles within the group sums them for the sample's owner, which writes the location and
+// weight gradients (no atomics, no shared memory).
 // The value gradient is a scatter:
 // - by default, atomicAdd of whole contiguous row chunks (coalesced across the group) into a
 //   buffer in the accumulation dtype (float32 for half inputs); the order of the additions
@@ -114,6 +115,7 @@ struct GroupLoop {
 // A lane without a sample: no corners, zero weights.
 template <typename acc_t>
 __device__ __forceinline__ void no_sample(BilinearCorners<acc_t>& c, int32_t (&pos)[4]) {
+  c.lh = c.lw = acc_t(0);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     pos[k] = -1;
@@ -122,23 +124,77 @@ __device__ __forceinline__ void no_sample(BilinearCorners<acc_t>& c, int32_t (&p
 }
 
 // Locates sample (x, y) on level l: the positions in [0, S) of its four corners (-1 outside
-// the map) and the bilinear corners. Returns false when the sample contributes nothing (it
-// lies outside its level, or the level does not fit inside [0, S)).
+// the map), the bilinear corners and the level's width. Returns false when the sample
+// contributes nothing (it lies outside its level, or the level does not fit inside [0, S)).
 template <typename acc_t>
 __device__ __forceinline__ bool locate(const int64_t* __restrict__ shapes,
                                        const int64_t* __restrict__ starts, int64_t S, int64_t l,
                                        acc_t x, acc_t y, BilinearCorners<acc_t>& c,
-                                       int32_t (&pos)[4]) {
+                                       int32_t (&pos)[4], int32_t& width) {
   const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+  width = 0;
   if (!level_in_bounds(H, W, start, S) || !bilinear_corners<acc_t>(x, y, H, W, c)) {
     no_sample(c, pos);
     return false;
   }
+  width = static_cast<int32_t>(W);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     pos[k] = c.index[k] >= 0 ? static_cast<int32_t>(start + c.index[k]) : -1;
   }
   return true;
+}
+
+// What the group needs of one sample, sent from its owner in six shuffles (rather than four
+// positions and four weights): the position of corner (h0, w0), the others being +1, +W and
+// +W+1; the level width W; which corners lie in the map; the fractional parts, from which
+// every lane rebuilds the bilinear weights; and the attention weight.
+template <typename acc_t>
+struct SampleMessage {
+  int32_t base, width, mask;
+  acc_t lh, lw, a;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ SampleMessage<acc_t> make_message(const BilinearCorners<acc_t>& c,
+                                                             const int32_t (&pos)[4],
+                                                             int32_t width, acc_t a) {
+  SampleMessage<acc_t> m{0, width, 0, c.lh, c.lw, a};
+  const int32_t offset[4] = {0, 1, width, width + 1};
+#pragma unroll
+  for (int k = 3; k >= 0; --k) {
+    if (pos[k] >= 0) {
+      m.mask |= 1 << k;
+      m.base = pos[k] - offset[k];
+    }
+  }
+  return m;
+}
+
+// Lane `src` of each group's message, in every lane of the group.
+template <typename acc_t>
+__device__ __forceinline__ SampleMessage<acc_t> broadcast(const SampleMessage<acc_t>& m, int src,
+                                                          int G) {
+  SampleMessage<acc_t> r;
+  r.base = __shfl_sync(kFullMask, m.base, src, G);
+  r.width = __shfl_sync(kFullMask, m.width, src, G);
+  r.mask = __shfl_sync(kFullMask, m.mask, src, G);
+  r.lh = __shfl_sync(kFullMask, m.lh, src, G);
+  r.lw = __shfl_sync(kFullMask, m.lw, src, G);
+  r.a = __shfl_sync(kFullMask, m.a, src, G);
+  return r;
+}
+
+// The corners of a received sample: positions (-1 outside the map) and bilinear weights.
+template <typename acc_t>
+__device__ __forceinline__ void corners(const SampleMessage<acc_t>& m, BilinearCorners<acc_t>& c,
+                                        int32_t (&pos)[4]) {
+  c.lh = m.lh;
+  c.lw = m.lw;
+  bilinear_weights<acc_t>(c);
+  const int32_t offset[4] = {0, 1, m.width, m.width + 1};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) pos[k] = (m.mask >> k) & 1 ? m.base + offset[k] : -1;
 }
 
 template <typename scalar_t, typename acc_t, int VEC, typename index_t>
@@ -169,27 +225,32 @@ __global__ void __launch_bounds__(kThreads)
         // This lane locates sample i0 + lane; the group reads them in turn.
         const int i = i0 + lane;
         int32_t pos[4];
+        int32_t width = 0;
         BilinearCorners<acc_t> c;
         acc_t a = acc_t(0);
         if (active && i < LP) {
           const index_t s = nqm * LP + i;
-          locate<acc_t>(shapes, starts, z.S, i / z.P, loc[2 * s], loc[2 * s + 1], c, pos);
+          locate<acc_t>(shapes, starts, z.S, i / z.P, loc[2 * s], loc[2 * s + 1], c, pos, width);
           a = attn[s];
         } else {
           no_sample(c, pos);
         }
+        const SampleMessage<acc_t> mine = make_message(c, pos, width, a);
         const int count = min(G, LP - i0);
         for (int k = 0; k < count; ++k) {
+          const SampleMessage<acc_t> m = broadcast(mine, k, G);
+          BilinearCorners<acc_t> ck;
+          int32_t pk[4];
+          corners(m, ck, pk);
+          if (!has_chunk) continue;
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const int32_t p = __shfl_sync(kFullMask, pos[j], k, G);
-            const acc_t w = __shfl_sync(kFullMask, a * c.weight[j], k, G);
-            if (has_chunk && p >= 0) {
-              acc_t v[VEC];
-              load_vec<VEC>(v_nm + p * row + channel, v);
+            if (pk[j] < 0) continue;
+            const acc_t w = m.a * ck.weight[j];
+            acc_t v[VEC];
+            load_vec<VEC>(v_nm + pk[j] * row + channel, v);
 #pragma unroll
-              for (int e = 0; e < VEC; ++e) acc[e] += w * v[e];
-            }
+            for (int e = 0; e < VEC; ++e) acc[e] += w * v[e];
           }
         }
       }
@@ -238,17 +299,22 @@ __global__ void __launch_bounds__(kThreads)
       const bool owns = active && i < LP;  // this lane's sample: s
       const index_t s = nqm * LP + i;
       int32_t pos[4];
+      int32_t width = 0;
       BilinearCorners<acc_t> c;
       acc_t a = acc_t(0);
       bool inside = false;
       if (owns) {
-        inside = locate<acc_t>(shapes, starts, z.S, i / z.P, loc[2 * s], loc[2 * s + 1], c, pos);
+        inside = locate<acc_t>(shapes, starts, z.S, i / z.P, loc[2 * s], loc[2 * s + 1], c, pos,
+                               width);
         a = attn[s];
       } else {
         no_sample(c, pos);
       }
-      // dot[j] = <grad_out, value at corner j> over all D channels, for the owned sample.
-      acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+      const SampleMessage<acc_t> mine = make_message(c, pos, width, a);
+      // The owned sample's weight gradient and d(sample)/dh, d(sample)/dw, summed over all D
+      // channels: each is linear in the corners' <grad_out, value>, so every lane forms them
+      // from its own channels and the group sums three numbers instead of four.
+      acc_t sum_attn = acc_t(0), sum_h = acc_t(0), sum_w = acc_t(0);
       const int count = min(G, LP - i0);
       for (index_t round = 0; round < chunks; round += G) {
         const index_t chunk = round + lane;
@@ -262,29 +328,38 @@ __global__ void __launch_bounds__(kThreads)
           for (int e = 0; e < VEC; ++e) gout[e] = acc_t(0);
         }
         for (int k = 0; k < count; ++k) {
-          acc_t partial[4];
+          const SampleMessage<acc_t> m = broadcast(mine, k, G);
+          BilinearCorners<acc_t> ck;
+          int32_t pk[4];
+          corners(m, ck, pk);
+          acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+          if (has_chunk) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int32_t p = __shfl_sync(kFullMask, pos[j], k, G);
-            const acc_t w = __shfl_sync(kFullMask, a * c.weight[j], k, G);
-            acc_t d = acc_t(0);
-            if (has_chunk && p >= 0) {
+            for (int j = 0; j < 4; ++j) {
+              if (pk[j] < 0) continue;
               acc_t v[VEC];
-              load_vec<VEC>(v_nm + p * row + channel, v);
+              load_vec<VEC>(v_nm + pk[j] * row + channel, v);
 #pragma unroll
-              for (int e = 0; e < VEC; ++e) d += gout[e] * v[e];
+              for (int e = 0; e < VEC; ++e) dot[j] += gout[e] * v[e];
               if (row_key == nullptr) {
-                acc_t* gv = gv_nm + p * row + channel;
+                const acc_t w = m.a * ck.weight[j];
+                acc_t* gv = gv_nm + pk[j] * row + channel;
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) atomicAdd(gv + e, w * gout[e]);
               }
             }
-            partial[j] = d;
           }
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const acc_t total = group_sum(partial[j], G);
-            if (lane == k) dot[j] += total;
+          acc_t d_h, d_w;
+          bilinear_grad_hw<acc_t>(ck, dot, d_h, d_w);
+          const acc_t g_attn = group_sum(ck.weight[0] * dot[0] + ck.weight[1] * dot[1] +
+                                             ck.weight[2] * dot[2] + ck.weight[3] * dot[3],
+                                         G);
+          d_h = group_sum(d_h, G);
+          d_w = group_sum(d_w, G);
+          if (lane == k) {
+            sum_attn += g_attn;
+            sum_h += d_h;
+            sum_w += d_w;
           }
         }
       }
@@ -293,14 +368,11 @@ __global__ void __launch_bounds__(kThreads)
         grad_attn[s] = acc_t(0);
         grad_loc[2 * s] = grad_loc[2 * s + 1] = acc_t(0);
       } else {
-        grad_attn[s] = c.weight[0] * dot[0] + c.weight[1] * dot[1] + c.weight[2] * dot[2] +
-                       c.weight[3] * dot[3];
-        acc_t d_h, d_w;
-        bilinear_grad_hw<acc_t>(c, dot, d_h, d_w);
+        grad_attn[s] = sum_attn;
         // h = y * H - 0.5 and w = x * W - 0.5.
         const int64_t l = i / z.P;
-        grad_loc[2 * s] = a * d_w * static_cast<acc_t>(shapes[2 * l + 1]);
-        grad_loc[2 * s + 1] = a * d_h * static_cast<acc_t>(shapes[2 * l]);
+        grad_loc[2 * s] = a * sum_w * static_cast<acc_t>(width);
+        grad_loc[2 * s + 1] = a * sum_h * static_cast<acc_t>(shapes[2 * l]);
       }
       if (row_key != nullptr) {
 #pragma unroll
