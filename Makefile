@@ -11,7 +11,7 @@ export MAX_JOBS ?= 2
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 BUILD_ENV := FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST)
 
-.PHONY: all demo test bench lint clean gpu-check
+.PHONY: all demo test test-d2-source bench lint clean gpu-check
 all: test
 
 $(PY):
@@ -36,6 +36,37 @@ FORCE:
 
 test: $(VENV)/.build
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# `make test-d2-source`: the same tests against detectron2 built from its current source
+# (D2_SOURCE, a `git archive` tarball: ../shared/vendor/README.md), with its compiled ops built
+# for the CPU. .venv-d2src holds only that detectron2 and timm (its ViT, Swin and MViT import
+# it); torch, the test requirements and this package with its built extension come from .venv
+# through a .pth file that site processes after the venv's own site-packages, so this
+# detectron2 shadows .venv's 0.6 and torch is not installed a second time (5.5 GB, minutes).
+# The build is CPU-only whatever FORCE_CUDA says for our extension (about 10 min on 2 cores);
+# stamps make a second run start the tests at once.
+D2_SOURCE ?= ../shared/vendor/detectron2-02b5c4e.tar.gz
+D2SRC_VENV := .venv-d2src
+D2SRC_PY := $(D2SRC_VENV)/bin/python
+
+$(D2SRC_VENV)/.venv: $(VENV)/.deps
+	rm -rf $(D2SRC_VENV)
+	$(PY) -m venv --without-pip $(D2SRC_VENV)
+	$(PY) -c "import sysconfig; print(f'import site; site.addsitedir({sysconfig.get_path(\"purelib\")!r})')" \
+	  > "$$($(D2SRC_PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/base_venv.pth"
+	touch $@
+
+$(D2SRC_VENV)/.detectron2: $(D2SRC_VENV)/.venv $(D2_SOURCE) requirements/d2-source.txt
+	rm -rf $(D2SRC_VENV)/src && mkdir -p $(D2SRC_VENV)/src
+	tar -xzf $(D2_SOURCE) -C $(D2SRC_VENV)/src
+	cd $(D2SRC_VENV)/src/detectron2 && FORCE_CUDA=0 CUDA_VISIBLE_DEVICES= \
+	  PATH="$(abspath $(VENV))/bin:$$PATH" $(abspath $(D2SRC_PY)) -m pip install -q --no-build-isolation .
+	$(D2SRC_PY) -m pip install -q -r requirements/d2-source.txt
+	touch $@
+
+test-d2-source: $(VENV)/.build $(D2SRC_VENV)/.detectron2
+	$(D2SRC_PY) tools/check_d2_source_env.py
+	$(D2SRC_PY) -m pytest tests -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.build
 	$(PY) tools/run_demo.py $(DEMO_ARGS)
