@@ -457,17 +457,24 @@ bool fits_int32(const Sizes& z) {
          4 * samples <= kMax;
 }
 
-// Calls f with the VEC and index type chosen at run time, as template arguments.
-template <typename scalar_t, typename F>
-void dispatch_layout(bool vectors, bool small, const F& f) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  if (vectors) {
-    small ? f(std::integral_constant<int, kVec>(), int32_t(0))
-          : f(std::integral_constant<int, kVec>(), int64_t(0));
-  } else {
-    small ? f(std::integral_constant<int, 1>(), int32_t(0))
-          : f(std::integral_constant<int, 1>(), int64_t(0));
-  }
+// Calls f(scalar, vec, index, G) for the value's dtype (scalar: a scalar_t value), 16-byte
+// vectors where D and every pointer allow (vec: std::integral_constant<int, VEC>), 32-bit
+// indices where the sizes allow (index: an int32_t or int64_t value) and G lanes per group.
+template <typename F>
+void dispatch_kernel(const MSDeformAttnArgs& a, std::initializer_list<const void*> pointers,
+                     const F& f) {
+  const Sizes& z = a.sizes;
+  const bool small = fits_int32(z);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.value.scalar_type(), "ms_deform_attn_cuda", [&] {
+        constexpr int kVec = 16 / sizeof(scalar_t);
+        const auto run = [&](auto vec) {
+          const int G = group_size(z.D / decltype(vec)::value);
+          small ? f(scalar_t(), vec, int32_t(0), G) : f(scalar_t(), vec, int64_t(0), G);
+        };
+        use_vectors<scalar_t>(z.D, pointers) ? run(std::integral_constant<int, kVec>())
+                                             : run(std::integral_constant<int, 1>());
+      });
 }
 
 }  // namespace
@@ -483,23 +490,17 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   if (a.empty()) return out;
   const Sizes& z = a.sizes;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const bool vectors =
-            use_vectors<scalar_t>(z.D, {a.value.data_ptr(), out.data_ptr()});
-        dispatch_layout<scalar_t>(vectors, fits_int32(z), [&](auto vec, auto index) {
-          constexpr int VEC = decltype(vec)::value;
-          using index_t = decltype(index);
-          const int G = group_size(z.D / VEC);
-          const auto kernel = &forward_kernel<scalar_t, acc_t, VEC, index_t>;
-          MSDA_LAUNCH(kernel, num_blocks(z.N * z.Lq * z.M, G), kThreads, stream)(
-              a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
-              a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
-              a.attn_weight.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), z, G);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
+  dispatch_kernel(a, {a.value.data_ptr(), out.data_ptr()}, [&](auto scalar, auto vec,
+                                                                auto index, int G) {
+    using scalar_t = decltype(scalar);
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto kernel = &forward_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(index)>;
+    MSDA_LAUNCH(kernel, num_blocks(z.N * z.Lq * z.M, G), kThreads, stream)(
+        a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
+        a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
+        a.attn_weight.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), z, G);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return out;
 }
 
@@ -527,36 +528,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     coef = at::empty({entries}, b.grad_value.options());
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const bool vectors = use_vectors<scalar_t>(
-            z.D, {a.value.data_ptr(), b.grad_output.data_ptr(), b.grad_value.data_ptr()});
-        dispatch_layout<scalar_t>(vectors, fits_int32(z), [&](auto vec, auto index) {
-          constexpr int VEC = decltype(vec)::value;
-          using index_t = decltype(index);
-          const int G = group_size(z.D / VEC);
-          const auto kernel = &backward_kernel<scalar_t, acc_t, VEC, index_t>;
-          MSDA_LAUNCH(kernel, num_blocks(z.N * z.Lq * z.M, G), kThreads, stream)(
-              a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
-              a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
-              a.attn_weight.data_ptr<acc_t>(), b.grad_output.data_ptr<scalar_t>(),
-              b.grad_value.data_ptr<acc_t>(), b.grad_loc.data_ptr<acc_t>(),
-              b.grad_attn.data_ptr<acc_t>(),
-              deterministic ? keys.data_ptr<int64_t>() : nullptr,
-              deterministic ? coef.data_ptr<acc_t>() : nullptr, z, G);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          if (!deterministic) return;
-          // Stable: equal rows keep their entries' order, so each row sums in a fixed order.
-          const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-          const auto gather = &gather_value_grad_kernel<scalar_t, acc_t, VEC, index_t>;
-          MSDA_LAUNCH(gather, num_blocks(entries, G), kThreads, stream)(
-              std::get<0>(sorted).data_ptr<int64_t>(), std::get<1>(sorted).data_ptr<int64_t>(),
-              coef.data_ptr<acc_t>(), b.grad_output.data_ptr<scalar_t>(),
-              b.grad_value.data_ptr<acc_t>(), static_cast<index_t>(entries), z, G);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
+  const std::initializer_list<const void*> pointers = {
+      a.value.data_ptr(), b.grad_output.data_ptr(), b.grad_value.data_ptr()};
+  dispatch_kernel(a, pointers, [&](auto scalar, auto vec, auto index, int G) {
+    using scalar_t = decltype(scalar);
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int VEC = decltype(vec)::value;
+    using index_t = decltype(index);
+    const auto kernel = &backward_kernel<scalar_t, acc_t, VEC, index_t>;
+    MSDA_LAUNCH(kernel, num_blocks(z.N * z.Lq * z.M, G), kThreads, stream)(
+        a.value.data_ptr<scalar_t>(), a.spatial_shapes.data_ptr<int64_t>(),
+        a.level_start_index.data_ptr<int64_t>(), a.sampling_loc.data_ptr<acc_t>(),
+        a.attn_weight.data_ptr<acc_t>(), b.grad_output.data_ptr<scalar_t>(),
+        b.grad_value.data_ptr<acc_t>(), b.grad_loc.data_ptr<acc_t>(),
+        b.grad_attn.data_ptr<acc_t>(), deterministic ? keys.data_ptr<int64_t>() : nullptr,
+        deterministic ? coef.data_ptr<acc_t>() : nullptr, z, G);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!deterministic) return;
+    // Stable: equal rows keep their entries' order, so each row sums in a fixed order.
+    const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const auto gather = &gather_value_grad_kernel<scalar_t, acc_t, VEC, index_t>;
+    MSDA_LAUNCH(gather, num_blocks(entries, G), kThreads, stream)(
+        std::get<0>(sorted).data_ptr<int64_t>(), std::get<1>(sorted).data_ptr<int64_t>(),
+        coef.data_ptr<acc_t>(), b.grad_output.data_ptr<scalar_t>(),
+        b.grad_value.data_ptr<acc_t>(), static_cast<index_t>(entries), z, G);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return backward_result(b, value, sampling_loc, attn_weight);
 }
 
