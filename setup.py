@@ -77,6 +77,12 @@ setup(
     package_dir={"deformable_detr": "projects/deformable_detr"},
     python_requires=">=3.9",
     install_requires=["torch", "torchvision", "fvcore", "pycocotools", "scipy"],
+    # deformable_detr.export and tools/export_model.py: the ONNX exporter (torch's dynamo
+    # exporter needs onnxscript) and onnxruntime to check and run the exported models.
+    # Tested with the versions pinned in requirements/test.txt.
+    extras_require={
+        "export": ["onnx>=1.23,<2", "onnxruntime>=1.32,<2", "onnxscript>=0.7.2,<0.8"],
+    },
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

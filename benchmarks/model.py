@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Time the whole Deformable DETR model with the compiled attention op against the PyTorch path.
+"""Time the whole Deformable DETR model with the compiled attention op against the PyTorch path
+(and, on the CPU, against the exported ONNX model in onnxruntime).
 
 Models are built from the shipped configs in ``configs/`` with random weights (no downloads:
 ``MODEL.WEIGHTS ""``), once with ``MODEL.DEFORMABLE_DETR.ATTN_IMPL compiled`` and once with
@@ -28,10 +29,18 @@ batch sizes, ``--impls compiled`` leaves the PyTorch path out, ``--no-stages`` t
 breakdown (its hooks synchronise at every stage boundary, which on CUDA adds launch gaps to
 the totals), and ``--json`` writes every number for ``benchmarks/gpu_check.py``.
 
+``--impls ... onnxruntime`` (CPU, inference only) exports the first model with
+``deformable_detr.export`` (ONNX, portable attention: gathers, standard operators) and times
+``OnnxPredictor.predict_batch``: padding, ``InferenceSession.run`` with ``--threads``
+intra-op threads, top-k and ``detector_postprocess``, i.e. what the eager call does minus
+normalisation (which is inside the graph). Needs the ``export`` extra (onnx, onnxruntime,
+onnxscript).
+
     python benchmarks/model.py [--variants plain box_refine two_stage single_scale dc5]
         [--train-variants plain] [--repeats 3] [--size 800 1333] [--threads N]
         [--device cpu|cuda] [--train/--no-train] [--train-batch 1] [--batches 1 4]
-        [--amp off|on|both] [--amp-dtype float16|bfloat16] [--impls compiled pytorch]
+        [--amp off|on|both] [--amp-dtype float16|bfloat16]
+        [--impls compiled pytorch onnxruntime]
         [--stages/--no-stages] [--json results.json]
 """
 import argparse
@@ -39,6 +48,7 @@ import contextlib
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -60,7 +70,9 @@ VARIANTS = {
     "single_scale": "deformable_detr_R_50_single_scale_50ep.yaml",
     "dc5": "deformable_detr_R_50_single_scale_dc5_50ep.yaml",
 }
-IMPLS = ("compiled", "pytorch")
+IMPLS = ("compiled", "pytorch", "onnxruntime")
+#: Implementations that are PyTorch models (trainable, with stage hooks).
+TORCH_IMPLS = ("compiled", "pytorch")
 #: Target boxes per training image.
 NUM_TARGET_BOXES = 5
 #: Inference stages timed by forward hooks, as (label, attribute path in the model).
@@ -203,16 +215,44 @@ def run_train_step(model, optimizer, inputs, device, amp_dtype=None, scaler=None
     return time.perf_counter() - t0
 
 
-def build_models(variant, args):
-    """One model per implementation in ``args.impls``, all with the first one's weights."""
+class OnnxRuntimeModel:
+    """The first model exported to ONNX (portable attention) and run by onnxruntime, called
+    like the eager model: ``model(inputs)`` -> ``[{"instances": Instances}]``."""
+
+    def __init__(self, cfg, model, threads):
+        from deformable_detr.export import OnnxPredictor, export_model, predictor_metadata
+
+        self._dir = tempfile.TemporaryDirectory(prefix="bench_onnx_")
+        t0 = time.perf_counter()
+        path = export_model(model.eval(), self._dir.name, format="onnx",
+                            metadata=predictor_metadata(cfg))
+        print(f"exported to ONNX in {time.perf_counter() - t0:.0f} s "
+              f"({os.path.getsize(path) / 2**20:.0f} MiB)", flush=True)
+        self.predictor = OnnxPredictor(path, num_threads=threads)
+
+    def eval(self):
+        return self
+
+    def __call__(self, inputs):
+        inputs = [dict(x, height=x["image"].shape[-2], width=x["image"].shape[-1])
+                  for x in inputs]
+        return [{"instances": r} for r in self.predictor.predict_batch(inputs)]
+
+
+def build_models(variant, args, impls=None):
+    """One model per implementation in ``impls`` (default ``args.impls``), all with the
+    first one's weights; "onnxruntime" is the first PyTorch model exported."""
+    impls = list(args.impls if impls is None else impls)
     models = {}
-    for impl in args.impls:
+    for impl in [i for i in impls if i in TORCH_IMPLS] or ["compiled"]:
         cfg, models[impl] = build(variant, impl, args.device)
     first = next(iter(models.values()))
     for model in models.values():
         if model is not first:
             model.load_state_dict(first.state_dict())
-    return cfg, models
+    if "onnxruntime" in impls:
+        models["onnxruntime"] = OnnxRuntimeModel(cfg, first, args.threads)
+    return cfg, {impl: models[impl] for impl in impls}
 
 
 def bench_inference(cfg, models, args, batch=1, amp_dtype=None, stages=True):
@@ -223,25 +263,27 @@ def bench_inference(cfg, models, args, batch=1, amp_dtype=None, stages=True):
         model.eval()
     inputs = make_inputs(args.size, batch, cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES, False)
 
-    # Warm-up; also a check that both paths compute the same detections.
+    # Warm-up; also a check that all paths compute the same detections.
     scores = {}
     for impl, model in models.items():
         _, out = run_inference(model, inputs, args.device, amp_dtype)
         scores[impl] = out[0]["instances"].scores.float().sort().values
     score_diff = None
-    if len(scores) == 2:
-        a, b = scores.values()
-        n = min(len(a), len(b))
-        score_diff = (a[:n] - b[:n]).abs().max().item() if n else 0.0
+    if len(scores) >= 2:
+        a, *others = scores.values()
+        score_diff = 0.0
+        for b in others:
+            n = min(len(a), len(b))
+            score_diff = max(score_diff, (a[:n] - b[:n]).abs().max().item() if n else 0.0)
 
-    timers = ({impl: StageTimer(model, args.device) for impl, model in models.items()}
-              if stages else {})
+    timers = ({impl: StageTimer(model, args.device) for impl, model in models.items()
+               if impl in TORCH_IMPLS} if stages else {})
     times = defaultdict(list)
     for _ in range(args.repeats):
         for impl, model in models.items():
             t, _ = run_inference(model, inputs, args.device, amp_dtype)
             times[impl].append(t)
-            if stages:
+            if impl in timers:
                 timers[impl].end_forward()
     stage_medians = {}
     for impl, timer in timers.items():
@@ -253,7 +295,7 @@ def bench_inference(cfg, models, args, batch=1, amp_dtype=None, stages=True):
 
 def bench_training(variant, args, amp_dtype=None):
     """Median seconds per training iteration at ``args.train_batch``, per implementation."""
-    cfg, models = build_models(variant, args)
+    cfg, models = build_models(variant, args, [i for i in args.impls if i in TORCH_IMPLS])
     optimizers, scalers = {}, {}
     for impl, model in models.items():
         model.train()
@@ -287,12 +329,16 @@ def precisions(args):
     return {"off": [("fp32", None)], "on": [amp], "both": [("fp32", None), amp]}[args.amp]
 
 
-def result_row(variant, pass_, precision, t):
-    """A markdown row: seconds per call of each implementation and PyTorch / compiled."""
-    c, p = t.get("compiled"), t.get("pytorch")
+def result_row(variant, pass_, precision, t, onnxruntime=False):
+    """A markdown row: seconds per call of each implementation and PyTorch / compiled (and,
+    with ``onnxruntime``, its seconds and compiled / onnxruntime)."""
+    c, p, o = t.get("compiled"), t.get("pytorch"), t.get("onnxruntime")
     ratio = f"{p / c:.2f}x" if c and p else "—"
-    cells = [f"{x:.3f}" if x is not None else "—" for x in (c, p)]
-    return f"| {variant} | {pass_} | {precision} | {cells[0]} | {cells[1]} | {ratio} |"
+    cells = [f"{x:.3f}" if x is not None else "—" for x in (c, p, o)]
+    row = f"| {variant} | {pass_} | {precision} | {cells[0]} | {cells[1]} | {ratio} |"
+    if onnxruntime:
+        row += f" {cells[2]} | " + (f"{c / o:.2f}x" if c and o else "—") + " |"
+    return row
 
 
 def main():
@@ -328,12 +374,22 @@ def main():
         parser.error("--batches must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
+    if "onnxruntime" in args.impls:
+        if args.device != "cpu" or args.amp != "off":
+            parser.error("--impls onnxruntime runs on the CPU in float32: use --device cpu "
+                         "--amp off")
+        try:
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            parser.error(f"--impls onnxruntime needs the export extra ({e}): "
+                         "pip install onnx onnxruntime onnxscript")
     if "compiled" in args.impls and not has_compiled_op(args.device):
         parser.error(f"the compiled op has no {args.device} kernel: build the extension "
                      "(`pip install -e .`) first")
     args.impls = [i for i in IMPLS if i in args.impls]  # compiled first, as in the tables
     train_variants = args.train_variants if args.train_variants is not None else args.variants
-    if not args.train:
+    if not args.train or not any(i in TORCH_IMPLS for i in args.impls):
         train_variants = []
     torch.set_num_threads(args.threads)
 
@@ -346,6 +402,7 @@ def main():
     print(f"load average (1, 5, 15 min) at start: {load_average()}\n", flush=True)
 
     rows, stage_rows, records = [], [], []
+    with_ort = "onnxruntime" in args.impls
     for variant in args.variants:
         cfg, models = build_models(variant, args)
         for label, amp_dtype in precisions(args):
@@ -353,12 +410,12 @@ def main():
                 t, stages, score_diff = bench_inference(cfg, models, args, batch, amp_dtype,
                                                         args.stages)
                 pass_ = f"inference, batch {batch}"
-                rows.append(result_row(variant, pass_, label, t))
+                rows.append(result_row(variant, pass_, label, t, with_ort))
                 note = f"  <!-- max |score diff| {score_diff:.1e} -->" if score_diff else ""
                 print(rows[-1] + note, flush=True)
                 records.append(dict(variant=variant, kind="inference", batch=batch,
                                     precision=label, seconds=t, score_diff=score_diff))
-                for impl in (args.impls if args.stages else []):
+                for impl in (list(stages) if args.stages else []):
                     s = stages[impl]
                     other = t[impl] - sum(s[lbl] for lbl, _ in STAGES)
                     attn_share = s["attention"] / (s["encoder"] + s["decoder"])
@@ -373,13 +430,16 @@ def main():
     for variant in train_variants:
         for label, amp_dtype in precisions(args):
             t = bench_training(variant, args, amp_dtype)
-            rows.append(result_row(variant, f"training, batch {args.train_batch}", label, t))
+            rows.append(result_row(variant, f"training, batch {args.train_batch}", label, t,
+                                   with_ort))
             print(rows[-1], flush=True)
             records.append(dict(variant=variant, kind="training", batch=args.train_batch,
                                 precision=label, seconds=t))
 
-    print("\n| variant | pass | precision | compiled s | PyTorch s | PyTorch / compiled |")
-    print("|---|---|---|---|---|---|")
+    ort_header = (" onnxruntime s | compiled / onnxruntime |", "---|---|") if with_ort else ("", "")
+    print("\n| variant | pass | precision | compiled s | PyTorch s | PyTorch / compiled |"
+          + ort_header[0])
+    print("|---|---|---|---|---|---|" + ort_header[1])
     print("\n".join(rows))
     if stage_rows:
         print("\nWhere inference time goes (seconds, medians; 'attention' = all MSDeformAttn "

@@ -11,6 +11,7 @@ from detectron2.config import CfgNode
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 __all__ = [
+    "build_clipped_optimizer",
     "build_optimizer",
     "get_param_groups",
     "maybe_add_full_model_gradient_clipping",
@@ -93,6 +94,48 @@ def maybe_add_full_model_gradient_clipping(
     return cls
 
 
+def _log_groups(groups: List[Dict[str, Any]]) -> None:
+    for g in groups:
+        logger.info(f"Optimizer group {g.get('name', '?')}: {len(g['params'])} tensors, "
+                    f"{sum(p.numel() for p in g['params'])} parameters, lr {g['lr']:g}")
+
+
+def build_clipped_optimizer(
+    params: List[Dict[str, Any]],
+    *,
+    optimizer: Type[torch.optim.Optimizer] = torch.optim.AdamW,
+    clip_norm: float = 0.1,
+    foreach: bool = True,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """``optimizer(params, **kwargs)`` whose ``step()`` first clips the gradients of all its
+    parameters together to a global norm of ``clip_norm`` (none when ``clip_norm <= 0``):
+    :func:`build_optimizer` for LazyConfigs, where ``params`` comes from
+    :func:`get_param_groups` and the training script sets the model, as
+    ``tools/lazyconfig_train_net.py`` does::
+
+        optimizer = L(build_clipped_optimizer)(
+            params=L(get_param_groups)(model=None, base_lr="${..lr}", backbone_multiplier=0.1,
+                                       linear_proj_multiplier=0.1,
+                                       linear_proj_names=["sampling_offsets",
+                                                          "reference_points"]),
+            lr=2e-4, weight_decay=1e-4, clip_norm=0.1)
+        ...
+        cfg.optimizer.params.model = model
+        optim = instantiate(cfg.optimizer)
+
+    ``foreach``: one call per step for all tensors, also on the CPU (see
+    :func:`build_optimizer`).
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("The model has no trainable parameters")
+    if isinstance(params[0], dict):
+        _log_groups(params)
+    optimizer_type = maybe_add_full_model_gradient_clipping(optimizer, clip_norm)
+    return optimizer_type(params, foreach=foreach, **kwargs)
+
+
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Build the optimizer from ``SOLVER.*``: ``SOLVER.OPTIMIZER`` (see :data:`OPTIMIZERS`)
     with ``BASE_LR`` and ``WEIGHT_DECAY`` on every parameter group, the groups of
@@ -118,9 +161,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     )
     if not groups:
         raise ValueError("The model has no trainable parameters")
-    for g in groups:
-        logger.info(f"Optimizer group {g['name']}: {len(g['params'])} tensors, "
-                    f"{sum(p.numel() for p in g['params'])} parameters, lr {g['lr']:g}")
+    _log_groups(groups)
     optimizer_type = maybe_add_full_model_gradient_clipping(
         OPTIMIZERS[name], cfg.SOLVER.FULL_MODEL_CLIP_NORM
     )

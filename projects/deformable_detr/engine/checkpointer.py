@@ -19,7 +19,7 @@ import os
 import re
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import torch
@@ -210,15 +210,28 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         return list(names) if names is not None else None
 
     # ------------------------------------------------------------------------- loading
+    def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """detectron2's ``load``, with the options a path or URL may end with read here, on
+        every detectron2 version: ``?matching_heuristics=True`` loads by detectron2's name
+        matching (e.g. ``.../mae_pretrain_vit_base.pth?matching_heuristics=True``); any other
+        option is refused. A load that fails leaves nothing behind for the next one."""
+        path, self._matching_heuristics = _split_load_options(path)
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._matching_heuristics = False
+            if hasattr(self, "_parsed_url_during_load"):
+                # detectron2 > 0.6 keeps the URL being loaded here, clears it only when the
+                # load succeeds, and asserts it is clear when the next load starts.
+                self._parsed_url_during_load = None
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._loading = filename
         if self._verified is not None and _same_file(self._verified[0], filename):
             data, self._verified = self._verified[1], None
-            return data
-        data = read_checkpoint(filename)
-        # detectron2 > 0.6 lets a URL ask for name matching: "...?matching_heuristics=True".
-        url = getattr(self, "_parsed_url_during_load", None)
-        if url is not None and parse_qs(url.query).get("matching_heuristics") == ["True"]:
+        else:
+            data = read_checkpoint(filename)
+        if getattr(self, "_matching_heuristics", False):
             data["matching_heuristics"] = True
         return data
 
@@ -393,6 +406,25 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                        f"iteration {iteration}, so there is nothing to train. Final model "
                        f"{path}: {done}. Raise SOLVER.MAX_ITER to train longer")
         return path
+
+
+def _split_load_options(path: str) -> Tuple[str, bool]:
+    """(path without its ``?...`` options, whether they ask for matching heuristics).
+
+    Raises:
+        CheckpointError: an option other than ``matching_heuristics=True|False``.
+    """
+    if not path or "?" not in path:
+        return path, False
+    parsed = urlparse(path)
+    options = parse_qs(parsed.query, keep_blank_values=True)
+    heuristics = options.pop("matching_heuristics", ["False"])
+    if options or heuristics not in (["True"], ["False"]):
+        raise CheckpointError(
+            f"MODEL.WEIGHTS {path}: unsupported option(s) after '?' ({parsed.query}); the only "
+            "one is matching_heuristics=True (load by detectron2's name matching, e.g. "
+            "backbone weights saved without the model's prefixes)")
+    return parsed._replace(query="").geturl(), heuristics == ["True"]
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -1,7 +1,7 @@
 """Start one process per GPU (NCCL) or several CPU processes (gloo).
 
-detectron2 0.6's ``launch`` hard-codes the NCCL backend and asserts CUDA, so multi-process
-training on a machine without GPUs needs this.
+detectron2's ``launch`` picks NCCL whenever the machine has a GPU (0.6: always, asserting
+CUDA), so processes that train on the CPU (``MODEL.DEVICE cpu``) need this.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine.launch import launch as d2_launch
 from detectron2.utils import comm
+
+from ..compat import create_local_process_group
 
 __all__ = ["launch", "DEFAULT_TIMEOUT"]
 
@@ -86,25 +88,10 @@ def _gloo_worker(local_rank, main_func, world_size, num_processes_per_machine, m
     except Exception:
         logger.error(f"Process group URL: {dist_url}")
         raise
-    _create_local_process_group(num_processes_per_machine)
+    create_local_process_group(num_processes_per_machine)
     comm.synchronize()
     main_func(*args)
     # Without this, gloo may report "connection closed by peer" from processes exiting early.
     comm.synchronize()
     dist.destroy_process_group()
 
-
-def _create_local_process_group(num_processes_per_machine: int) -> None:
-    """The group of processes on this machine, which ``comm.get_local_rank()`` uses."""
-    if hasattr(comm, "create_local_process_group"):  # detectron2 > 0.6
-        comm.create_local_process_group(num_processes_per_machine)
-        return
-    # detectron2 0.6: every process must create every machine's group, in the same order.
-    assert comm._LOCAL_PROCESS_GROUP is None
-    num_machines = dist.get_world_size() // num_processes_per_machine
-    machine_rank = dist.get_rank() // num_processes_per_machine
-    for i in range(num_machines):
-        ranks = list(range(i * num_processes_per_machine, (i + 1) * num_processes_per_machine))
-        group = dist.new_group(ranks)
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group

@@ -33,7 +33,7 @@ from ..checkpoint.safe_load import CheckpointError
 from ..config import add_deformable_detr_config
 from ..data import register_shapes_dataset
 from ..data.dataset_mapper import build_detr_augmentation
-from .checkpointer import load_inference_weights
+from .checkpointer import class_head_options, load_inference_weights
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -302,7 +302,8 @@ def load_model(cfg: CfgNode, *, allow_random_weights: bool = False) -> torch.nn.
     model = build_model(cfg).eval()
     try:
         load_inference_weights(model, cfg.MODEL.WEIGHTS,
-                               allow_random_weights=allow_random_weights)
+                               allow_random_weights=allow_random_weights,
+                               **class_head_options(cfg))
     except CheckpointError as e:
         raise CheckpointError(f"Cannot load MODEL.WEIGHTS: {e}") from None
     except OSError as e:  # a URL that cannot be fetched, an unreadable file

@@ -13,6 +13,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..compat import default_trainer_saves_state
 from ..data.dataset_mapper import DeformableDetrDatasetMapper
 from ..solver import build_optimizer
 from ..utils.build_info import detectron2_has_compiled_ops
@@ -72,14 +73,15 @@ class Trainer(DefaultTrainer):
 
     def state_dict(self):
         ret = super().state_dict()
-        # detectron2 0.6 leaves the optimizer (AdamW moments) out of checkpoints, so a resumed
-        # run restarted them from zero; later versions store it under this same key.
-        ret.setdefault("_trainer", self._trainer.state_dict())
+        if not default_trainer_saves_state():
+            # detectron2 0.6 leaves the optimizer (AdamW moments) out of checkpoints, so a
+            # resumed run restarted them from zero; later versions store it under this key.
+            ret["_trainer"] = self._trainer.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        if "load_state_dict" not in DefaultTrainer.__dict__ and "_trainer" in state_dict:
+        if not default_trainer_saves_state() and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
 
     def resume_or_load(self, resume=True):

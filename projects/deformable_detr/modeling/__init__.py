@@ -18,6 +18,7 @@ from .deformable_encoder import (
 )
 from .deformable_transformer import DeformableTransformer, get_valid_ratio
 from .heads import MLP, build_prediction_heads
+from .lazy import build_deformable_detr
 from .matcher import HungarianMatcher
 from .meta_arch import DeformableDETR
 from .multiscale_adapter import MultiScaleAdapter
@@ -40,6 +41,7 @@ __all__ = [
     "SetCriterion",
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
+    "build_deformable_detr",
     "build_prediction_heads",
     "build_slim_resnet_backbone",
     "build_torchvision_resnet_backbone",

@@ -17,6 +17,7 @@ from .deformable_transformer import DeformableTransformer
 from .heads import build_prediction_heads
 from .matcher import HungarianMatcher
 from .multiscale_adapter import MultiScaleAdapter
+from .padding import pad_images
 from .position_encoding import PositionEmbeddingSine
 from .postprocess import topk_detections
 
@@ -255,8 +256,9 @@ class DeformableDETR(nn.Module):
         return self._forward_images(self.preprocess_image(batched_inputs))
 
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
-        """Normalise and zero-pad to a batch (to the largest size, rounded up only to the
-        backbone's size_divisibility)."""
+        """Normalise and zero-pad to a batch: to the largest size, or the square the backbone
+        asks for (``padding_constraints``, e.g. ViT), rounded up to its divisibility
+        (:func:`.padding.pad_images`)."""
         images = []
         for i, x in enumerate(batched_inputs):
             image = x["image"]
@@ -264,7 +266,7 @@ class DeformableDETR(nn.Module):
                 raise ValueError(f"input {i}: 'image' must be [{self.pixel_mean.shape[0]}, H, W],"
                                  f" got {list(image.shape)}")
             images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, getattr(self.backbone, "size_divisibility", 0))
+        return pad_images(images, self.backbone)
 
     @staticmethod
     def padding_mask(images: ImageList) -> torch.Tensor:
