@@ -44,8 +44,8 @@ test: $(VENV)/.build
 # this package with its built extension come from .venv, through a .pth file that Python
 # reads after the venv's own site-packages: this detectron2 shadows .venv's 0.6 (checked
 # below) and torch is not installed a second time (5.5 GB, minutes). The detectron2 build is
-# CPU-only whatever FORCE_CUDA says for our extension (about 5-10 min on 2 cores); stamps
-# make a second run start the tests at once.
+# CPU-only whatever FORCE_CUDA says for our extension (measured: 2 min on an idle 2-core
+# machine, 4-5 min on a busy one); stamps make a second run start the tests at once.
 D2_SOURCE ?= ../shared/vendor/detectron2-02b5c4e.tar.gz
 D2SRC_VENV := .venv-d2src
 D2SRC_PY := $(D2SRC_VENV)/bin/python

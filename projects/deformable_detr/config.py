@@ -44,7 +44,8 @@ def add_deformable_detr_config(cfg: CN) -> CN:
 
     # Optimizer: AdamW with three parameter groups (base lr; backbone lr x BACKBONE_MULTIPLIER;
     # sampling_offsets / reference_points lr x LINEAR_PROJ_MULTIPLIER) and gradient clipping
-    # by the global norm over the whole model (detectron2 0.6 clips per parameter only).
+    # by the global norm over the whole model (detectron2's SOLVER.CLIP_GRADIENTS clips
+    # each parameter on its own).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1

@@ -30,7 +30,7 @@ class Trainer(DefaultTrainer):
 
     It also trains on CPUs with several processes: the model is wrapped in
     ``DistributedDataParallel`` without ``device_ids`` when ``MODEL.DEVICE`` is not CUDA
-    (detectron2 0.6 always passes the local rank as a GPU id).
+    (detectron2's ``create_ddp_model`` passes the local rank as a GPU id).
     """
 
     def __init__(self, cfg):
