@@ -139,6 +139,36 @@ def test_matcher_finds_optimal_assignment_against_brute_force():
         assert src.dtype == torch.int64 and len(src) == len(t["labels"])
 
 
+def test_matcher_match_layers_against_brute_force_per_layer():
+    """Several layers' outputs matched at once: each (layer, image) gets the brute-force
+    optimum of its own cost matrix (the layers are not mixed up)."""
+    g = torch.Generator().manual_seed(3)
+    layers, q, c = 3, 5, 4
+    outputs = []
+    for _ in range(layers):
+        xy = 0.2 + 0.5 * torch.rand(2, q, 2, generator=g, dtype=torch.float64)
+        wh = 0.05 + 0.3 * torch.rand(2, q, 2, generator=g, dtype=torch.float64)
+        outputs.append({"pred_logits": torch.randn(2, q, c, generator=g, dtype=torch.float64),
+                        "pred_boxes": torch.cat([xy, wh], -1)})
+    targets = [
+        {"labels": torch.tensor([1]),
+         "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]], dtype=torch.float64)},
+        {"labels": torch.tensor([2, 0, 3]),
+         "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.1],
+                                [0.45, 0.4, 0.25, 0.3]], dtype=torch.float64)},
+    ]
+    all_indices = HungarianMatcher().match_layers(outputs, targets)
+    assert len(all_indices) == layers
+    for out, indices in zip(outputs, all_indices):
+        for b, (src, tgt) in enumerate(indices):
+            t = targets[b]
+            cost = np.array([[np_match_cost(out["pred_logits"][b, i].numpy(),
+                                            out["pred_boxes"][b, i].numpy(),
+                                            int(t["labels"][j]), t["boxes"][j].numpy())
+                              for j in range(len(t["labels"]))] for i in range(q)])
+            assert dict(zip(tgt.tolist(), src.tolist())) == brute_force_assignment(cost)
+
+
 def test_matcher_beats_greedy_on_hand_made_case():
     # L1 costs on cx only: q0 (0.5) -> t0 (0.6) 0.1, -> t1 (0.3) 0.2; q1 (0.75) -> t0 0.15,
     # -> t1 0.45. Greedy takes the cheapest pair q0-t0 first (total 0.55); the optimum is
@@ -256,6 +286,24 @@ def test_criterion_aux_and_enc_losses():
     expected = _expected_losses(enc_logits, boxes, zero_targets, matches, num_boxes=3)
     for k, v in expected.items():
         assert losses[k + "_enc"].item() == pytest.approx(v, rel=1e-10), k
+
+
+def test_criterion_layers_get_their_own_losses():
+    """Auxiliary layers with different predictions (and a different matching): each layer's
+    losses are those of its own predictions and matching, computed independently."""
+    logits, boxes, targets, matches = _hand_case()
+    rolled = {"pred_logits": logits.roll(1, dims=1) * 0.5,
+              "pred_boxes": (boxes.roll(1, dims=1) + 0.01).clamp(max=1)}
+    rolled_matches = [{(q + 1) % 3: t for q, t in m.items()} for m in matches]
+    shifted = {"pred_logits": logits - 0.3, "pred_boxes": boxes * 0.97}
+    out = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": [rolled, shifted]}
+    losses = SetCriterion(4, HungarianMatcher())(out, targets)
+    for suffix, layer, layer_matches in (("", out, matches), ("_0", rolled, rolled_matches),
+                                         ("_1", shifted, matches)):
+        expected = _expected_losses(layer["pred_logits"], layer["pred_boxes"], targets,
+                                    layer_matches, num_boxes=3)
+        for k, v in expected.items():
+            assert losses[k + suffix].item() == pytest.approx(v, rel=1e-10), k + suffix
 
 
 def test_criterion_without_targets_clamps_num_boxes():

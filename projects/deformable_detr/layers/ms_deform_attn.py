@@ -104,12 +104,35 @@ class MSDeformAttn(nn.Module):
                 )
         return ms_deform_attn if impl == "compiled" else ms_deform_attn_pytorch
 
+    def _point_sampling_locations(self, query, reference_points, spatial_shapes):
+        """Sampling locations [N, Lq, M, L, P, 2] around points ``reference_points``
+        [N, Lq, L, 2]: the reference plus the predicted offset, in pixels of each level (x
+        divided by the level's width, y by its height).
+
+        The division is folded into the offsets' linear layer (its weight rows and bias scaled
+        per level), and the reference plus bias is the accumulator of one in-place matrix
+        product: one pass over the locations instead of four (product, bias, division, sum).
+        It runs in the reference points' dtype (float32 for sub-pixel accuracy on large maps,
+        also under autocast, which does not cast in-place products).
+        """
+        N, Lq, _ = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        dtype = reference_points.dtype
+        inv_size = spatial_shapes.flip(-1).to(dtype).reciprocal()  # [L, 2] (1/W, 1/H)
+        scale = inv_size[None, :, None, :].expand(M, L, P, 2).reshape(-1)
+        weight = self.sampling_offsets.weight.to(dtype) * scale[:, None]
+        bias = (self.sampling_offsets.bias.to(dtype) * scale).view(M, L, P, 2)
+        locations = reference_points[:, :, None, :, None, :] + bias
+        locations.view(N * Lq, -1).addmm_(query.reshape(N * Lq, -1).to(dtype), weight.t())
+        return locations
+
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
                 input_level_start_index, input_padding_mask=None, *, spatial_shapes_list=None):
         """
         The sampling locations are computed in the reference points' dtype (float32 for
-        float32 references, also under autocast, where the offsets' linear layer runs in half
-        precision); the core op then applies the autocast rule of ``ms_deform_attn_op``.
+        float32 references, also under autocast: for point references the offsets' linear
+        layer too, for box references it runs in the autocast dtype); the core op then applies
+        the autocast rule of ``ms_deform_attn_op``.
 
         Args:
             query: [N, Lq, C].
@@ -137,25 +160,20 @@ class MSDeformAttn(nn.Module):
             )
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            # In place: the projection's output is not needed by its backward.
+            value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, M, self.d_model // M)
-        # A location needs float32 for sub-pixel accuracy on large maps; half-precision
-        # offsets are fine (they are small).
-        sampling_offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2).to(
-            reference_points.dtype)
         attention_weights = self.attention_weights(query).view(N, Lq, M, L * P)
         attention_weights = attention_weights.softmax(-1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: x by its width, y by its height.
-            offset_normalizer = torch.stack(
-                [input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1
-            ).to(reference_points.dtype)
-            sampling_locations = (
-                reference_points[:, :, None, :, None, :]
-                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
-            )
+            sampling_locations = self._point_sampling_locations(
+                query, reference_points, input_spatial_shapes)
         else:
-            # Offsets are fractions of the box's half size, spread over the P points.
+            # Offsets are fractions of the box's half size, spread over the P points. A
+            # location needs float32 for sub-pixel accuracy on large maps; half-precision
+            # offsets are fine (they are small).
+            sampling_offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2).to(
+                reference_points.dtype)
             sampling_locations = (
                 reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5

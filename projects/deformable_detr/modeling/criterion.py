@@ -1,6 +1,7 @@
 """The Deformable DETR training losses."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ __all__ = ["SetCriterion", "sigmoid_focal_loss"]
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, num_boxes: float,
                        alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
     """Focal loss (Lin et al., 2017) on [N, Q, C] logits and {0, 1} targets, summed over
-    everything and divided by ``num_boxes``.
+    everything and divided by ``num_boxes``; for [K, N, Q, C] (K layers' outputs), the [K]
+    losses of each layer.
 
     Computed as ``mean over Q, summed, / num_boxes * Q`` -- the published model's order of
     operations, which rounds differently from a plain sum.
@@ -27,7 +29,8 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, num_boxes: f
     if alpha >= 0:
         alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
         loss = alpha_t * loss
-    return loss.mean(1).sum() / num_boxes * inputs.shape[1]
+    loss = loss.mean(-2)
+    return loss.flatten(-2).sum(-1) / num_boxes * inputs.shape[-2]
 
 
 class SetCriterion(nn.Module):
@@ -58,44 +61,49 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    @staticmethod
-    def _src_permutation_idx(indices):
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        return batch_idx, src_idx
+    def _layer_losses(self, layer_outputs: list[dict], targets: list[dict],
+                      layer_indices: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                      num_boxes: float) -> list[dict[str, torch.Tensor]]:
+        """The unweighted losses of K layers' outputs (each with the same N and Q) under their
+        matchings, computed for all layers together: [{"loss_ce", "loss_bbox", "loss_giou"}]
+        per layer."""
+        num_layers = len(layer_outputs)
+        # Every matched (layer, image, query) and its target's row in the concatenated targets,
+        # in layer-major order; assembled on the host (the matchings are CPU tensors), then
+        # moved in one copy.
+        offsets = np.cumsum([0] + [len(t["labels"]) for t in targets])
+        rows = [(np.full(len(src), k), np.full(len(src), i), src.numpy(), tgt.numpy() + offsets[i])
+                for k, indices in enumerate(layer_indices) for i, (src, tgt) in enumerate(indices)]
+        src_logits = upcast(torch.stack([o["pred_logits"] for o in layer_outputs]))
+        device = src_logits.device
+        matched = torch.from_numpy(
+            np.stack([np.concatenate(column) for column in zip(*rows)]).astype(np.int64)
+        ).to(device, non_blocking=True)
+        idx, target_rows = tuple(matched[:3]), matched[3]
+        labels = torch.cat([t["labels"] for t in targets]).to(device)[target_rows]
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device)[target_rows]
 
-    def loss_labels(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
-        src_logits = upcast(outputs["pred_logits"])
-        idx = self._src_permutation_idx(indices)
-        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
-                                    device=src_logits.device)
-        target_classes[idx] = target_classes_o.to(src_logits.device)
+        target_classes = torch.full(src_logits.shape[:3], self.num_classes, dtype=torch.int64,
+                                    device=device)
+        target_classes[idx] = labels
         # One extra "no object" column absorbs unmatched queries, then is dropped.
-        onehot = torch.zeros(
-            [src_logits.shape[0], src_logits.shape[1], src_logits.shape[2] + 1],
-            dtype=src_logits.dtype, layout=src_logits.layout, device=src_logits.device,
-        )
-        onehot.scatter_(2, target_classes.unsqueeze(-1), 1)
-        onehot = onehot[:, :, :-1]
-        loss_ce = sigmoid_focal_loss(src_logits, onehot, num_boxes, alpha=self.focal_alpha,
-                                     gamma=self.focal_gamma)
-        return {"loss_ce": loss_ce}
+        onehot = src_logits.new_zeros([*src_logits.shape[:3], src_logits.shape[3] + 1])
+        onehot.scatter_(3, target_classes.unsqueeze(-1), 1)
+        loss_ce = sigmoid_focal_loss(src_logits, onehot[..., :-1], num_boxes,
+                                     alpha=self.focal_alpha, gamma=self.focal_gamma)
 
-    def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
-        idx = self._src_permutation_idx(indices)
-        src_boxes = upcast(outputs["pred_boxes"][idx])
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
-        target_boxes = target_boxes.to(src_boxes)
-        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
+        src_boxes = upcast(torch.stack([o["pred_boxes"] for o in layer_outputs])[idx])
+        target_boxes = boxes.to(src_boxes)
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none").sum(-1)
         loss_giou = 1 - paired_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes),
                                                    box_cxcywh_to_xyxy(target_boxes))
-        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
+        # Per-layer sums of the per-box losses.
+        box_losses = src_boxes.new_zeros(num_layers, 2).index_add_(
+            0, idx[0], torch.stack([loss_bbox, loss_giou], -1)) / num_boxes
+        return [{"loss_ce": loss_ce[k], "loss_bbox": box_losses[k, 0],
+                 "loss_giou": box_losses[k, 1]} for k in range(num_layers)]
 
-    def _losses(self, outputs, targets, indices, num_boxes, suffix: str):
-        losses = {}
-        losses.update(self.loss_labels(outputs, targets, indices, num_boxes))
-        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+    def _weighted(self, losses: dict[str, torch.Tensor], suffix: str) -> dict[str, torch.Tensor]:
         return {k + suffix: v * self.weight_dict[k] for k, v in losses.items()}
 
     def _num_boxes(self, targets, device) -> float:
@@ -134,17 +142,21 @@ class SetCriterion(nn.Module):
         self._check_targets(targets)
         num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
 
-        indices = self.matcher(outputs, targets)
-        losses = self._losses(outputs, targets, indices, num_boxes, "")
-        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            indices = self.matcher(aux_outputs, targets)
-            losses.update(self._losses(aux_outputs, targets, indices, num_boxes, f"_{i}"))
+        # The last decoder layer (no suffix), then the auxiliary ones ("_0", "_1", ...).
+        layer_outputs = [outputs, *outputs.get("aux_outputs", [])]
+        layer_losses = self._layer_losses(
+            layer_outputs, targets, self.matcher.match_layers(layer_outputs, targets), num_boxes)
+        losses = {}
+        for i, layer in enumerate(layer_losses):
+            losses.update(self._weighted(layer, "" if i == 0 else f"_{i - 1}"))
         if "enc_outputs" in outputs:
             bin_targets = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]}
                            for t in targets]
-            indices = self.matcher(outputs["enc_outputs"], bin_targets)
-            losses.update(self._losses(outputs["enc_outputs"], bin_targets, indices, num_boxes,
-                                       "_enc"))
+            enc_outputs = [outputs["enc_outputs"]]
+            enc_losses, = self._layer_losses(
+                enc_outputs, bin_targets, self.matcher.match_layers(enc_outputs, bin_targets),
+                num_boxes)
+            losses.update(self._weighted(enc_losses, "_enc"))
         return losses
 
     def extra_repr(self) -> str:

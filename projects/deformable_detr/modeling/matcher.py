@@ -1,6 +1,8 @@
 """Hungarian matching between predictions and ground-truth boxes."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -44,17 +46,28 @@ class HungarianMatcher(nn.Module):
             N pairs (query indices, target indices), int64 CPU tensors of length
             min(Q, T_i): query ``i[k]`` is matched to target ``j[k]``.
         """
-        bs, num_queries = outputs["pred_logits"].shape[:2]
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layer_outputs: Sequence[dict[str, torch.Tensor]],
+                     targets: list[dict[str, torch.Tensor]]
+                     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`forward` for the outputs of K layers (each with the same N and Q) against
+        the same targets; the costs of all layers are computed together (a few large
+        operations instead of K times as many small ones). Returns K lists as
+        :meth:`forward`'s."""
+        bs, num_queries = layer_outputs[0]["pred_logits"].shape[:2]
         if len(targets) != bs:
             raise ValueError(f"got {len(targets)} targets for a batch of {bs}")
         sizes = [len(t["boxes"]) for t in targets]
         if sum(sizes) == 0:
             empty = torch.empty(0, dtype=torch.int64)
-            return [(empty, empty) for _ in targets]
+            return [[(empty, empty) for _ in targets] for _ in layer_outputs]
 
         # Mixed precision: the 1e-8 of the class cost vanishes in float16.
-        out_prob = upcast(outputs["pred_logits"].flatten(0, 1)).sigmoid()
-        out_bbox = upcast(outputs["pred_boxes"].flatten(0, 1))
+        out_prob = upcast(torch.cat([o["pred_logits"].flatten(0, 1) for o in layer_outputs]))
+        out_prob = out_prob.sigmoid()
+        out_bbox = upcast(torch.cat([o["pred_boxes"].flatten(0, 1) for o in layer_outputs]))
         tgt_ids = torch.cat([t["labels"] for t in targets])
         tgt_bbox = torch.cat([t["boxes"] for t in targets]).to(out_bbox.dtype)
 
@@ -67,13 +80,18 @@ class HungarianMatcher(nn.Module):
                                          box_cxcywh_to_xyxy(tgt_bbox))
 
         C = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        C = C.view(bs, num_queries, -1).float().cpu()
+        C = C.view(len(layer_outputs), bs, num_queries, -1).float().cpu()
         if not torch.isfinite(C).all():
             raise FloatingPointError(
                 "the matching cost has NaN/inf entries: predictions or targets are not finite"
             )
-        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(C.split(sizes, -1))]
         return [
-            (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
-            for i, j in indices
+            [_assignment(c[i]) for i, c in enumerate(layer_cost.split(sizes, -1))]
+            for layer_cost in C
         ]
+
+
+def _assignment(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minimum-cost assignment of a [Q, T] cost matrix as int64 (rows, columns)."""
+    i, j = linear_sum_assignment(cost)
+    return torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)

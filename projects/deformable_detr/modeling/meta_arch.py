@@ -14,6 +14,7 @@ from ..layers import ATTN_IMPLS, has_compiled_op
 from .box_ops import box_xyxy_to_cxcywh, inverse_sigmoid
 from .criterion import SetCriterion
 from .deformable_transformer import DeformableTransformer
+from .frozen_bn_folding import fold_frozen_batchnorm
 from .heads import build_prediction_heads
 from .matcher import HungarianMatcher
 from .multiscale_adapter import MultiScaleAdapter
@@ -86,7 +87,9 @@ class DeformableDETR(nn.Module):
         if len(pixel_mean) != len(pixel_std):
             raise ValueError(f"pixel_mean {list(pixel_mean)} and pixel_std {list(pixel_std)} "
                              "differ in length")
-        self.backbone = backbone
+        # Frozen norms cost a pass over every feature map; folded into the convolutions they
+        # cost none (same parameters and keys).
+        self.backbone = fold_frozen_batchnorm(backbone)
         self.adapter = adapter
         self.transformer = transformer
         self.criterion = criterion
