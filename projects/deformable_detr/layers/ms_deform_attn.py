@@ -110,10 +110,11 @@ class MSDeformAttn(nn.Module):
         divided by the level's width, y by its height).
 
         The division is folded into the offsets' linear layer (its weight rows and bias scaled
-        per level), and the reference plus bias is the accumulator of one in-place matrix
-        product: one pass over the locations instead of four (product, bias, division, sum).
-        It runs in the reference points' dtype (float32 for sub-pixel accuracy on large maps,
-        also under autocast, which does not cast in-place products).
+        per level), and the reference plus bias is the accumulator of the matrix product: two
+        passes over the locations instead of four (product, bias, division, sum), one without
+        a graph (the product in place). It runs in the reference points' dtype (float32 for
+        sub-pixel accuracy on large maps); under autocast a recorded graph's product runs in
+        the autocast dtype (offsets are small; autocast does not cast in-place products).
         """
         N, Lq, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
@@ -123,7 +124,11 @@ class MSDeformAttn(nn.Module):
         weight = self.sampling_offsets.weight.to(dtype) * scale[:, None]
         bias = (self.sampling_offsets.bias.to(dtype) * scale).view(M, L, P, 2)
         locations = reference_points[:, :, None, :, None, :] + bias
-        locations.view(N * Lq, -1).addmm_(query.reshape(N * Lq, -1).to(dtype), weight.t())
+        query = query.reshape(N * Lq, -1).to(dtype)
+        if torch.is_grad_enabled():
+            # Autograd would copy the in-place result of a view in the backward.
+            return locations + (query @ weight.t()).view(locations.shape).to(dtype)
+        locations.view(N * Lq, -1).addmm_(query, weight.t())
         return locations
 
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
@@ -160,8 +165,10 @@ class MSDeformAttn(nn.Module):
             )
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            # In place: the projection's output is not needed by its backward.
-            value.masked_fill_(input_padding_mask[..., None], 0.0)
+            # In place only without a graph: autograd copies in-place results of views (a
+            # linear layer's 3-d output is one) in the backward.
+            fill = value.masked_fill if torch.is_grad_enabled() else value.masked_fill_
+            value = fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, M, self.d_model // M)
         attention_weights = self.attention_weights(query).view(N, Lq, M, L * P)
         attention_weights = attention_weights.softmax(-1).view(N, Lq, M, L, P)

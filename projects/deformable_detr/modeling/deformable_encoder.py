@@ -52,11 +52,15 @@ class DeformableTransformerEncoderLayer(nn.Module):
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes,
                               level_start_index, padding_mask,
                               spatial_shapes_list=spatial_shapes_list)
-        # In place where the overwritten tensor is no backward's input (a linear layer's or
-        # dropout's output): two fewer [N, S, C] and one fewer [N, S, d_ffn] allocations.
-        src = self.norm1(self.dropout1(src2).add_(src))
-        src2 = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
-        return self.norm2(self.dropout3(src2).add_(src))
+        # Without a graph, in place into the layers' fresh outputs: two fewer [N, S, C] and
+        # one fewer [N, S, d_ffn] allocations. With one, autograd would copy in-place results
+        # of views (a linear layer's 3-d output is one) in the backward.
+        inplace = not torch.is_grad_enabled()
+        src2 = self.dropout1(src2)
+        src = self.norm1(src2.add_(src) if inplace else src + src2)
+        src2 = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=inplace)))
+        src2 = self.dropout3(src2)
+        return self.norm2(src2.add_(src) if inplace else src + src2)
 
 
 def encoder_reference_points(spatial_shapes, valid_ratios: torch.Tensor) -> torch.Tensor:
