@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Time the whole Deformable DETR model with the compiled attention op against the PyTorch path
-(and, on the CPU, against the exported ONNX model in onnxruntime).
+(and, on the CPU, against the exported ONNX model in onnxruntime; and against Hugging Face
+transformers' implementation).
 
-Models are built from the shipped configs in ``configs/`` with random weights (no downloads:
+Models are built from the shipped configs in ``configs/`` (the variant table
+``deformable_detr.checkpoint.VARIANTS``) with random weights (no downloads:
 ``MODEL.WEIGHTS ""``), once with ``MODEL.DEFORMABLE_DETR.ATTN_IMPL compiled`` and once with
 ``pytorch``; the PyTorch model gets the compiled model's weights, so both compute the same
 function. Measured, in the same run:
@@ -36,11 +38,35 @@ intra-op threads, top-k and ``detector_postprocess``, i.e. what the eager call d
 normalisation (which is inside the graph). Needs the ``export`` extra (onnx, onnxruntime,
 onnxscript).
 
+``--impls ... huggingface`` (inference only) times transformers'
+``DeformableDetrForObjectDetection`` built for the same variant in the published
+configuration (300 queries, 4 levels or 1 for single-scale, 6 + 6 layers, d_model 256, FFN
+1024, 8 heads, 4 points, the variant's box refinement / two-stage, ``num_labels`` = our
+classes) on transformers' own ResNet-50 (``use_timm_backbone=False``, stride in the 3x3 conv
+as torchvision's), random weights (``HF_HUB_OFFLINE=1``: nothing is downloaded), ``eval()``,
+the same threads and device, interleaved with the other implementations' repeats. What each
+call times:
+
+- ours: ``model([{"image": uint8 [3, H, W]}] * batch)``, i.e. normalisation, batching
+  (zero-padding to the largest image: none here, all images are H x W), backbone,
+  transformer, heads, top-k and ``detector_postprocess``;
+- huggingface: ``model(pixel_values=float [batch, 3, H, W], pixel_mask=long [batch, H, W])``
+  then ``DeformableDetrImageProcessor.post_process_object_detection(outputs, threshold=0,
+  target_sizes, top_k=TEST.DETECTIONS_PER_IMAGE)`` (sigmoid, top-k, boxes to pixels),
+  wrapped in ``Instances``. ``pixel_values`` is our model's normalised batch (the same
+  tensor ours builds), made in the untimed warm-up call: HF's image processor (resize,
+  normalise, pad, on the host) is not timed, so HF's time lacks the normalisation that ours
+  includes (a few ms on the CPU at 800x1333). DC5 is not offered (transformers' own ResNet
+  has no dilation).
+
+Its table column is HF / ours: HF's seconds over the compiled op's (the PyTorch path's when
+``compiled`` is not timed); > 1: ours is faster. Needs ``transformers``.
+
     python benchmarks/model.py [--variants plain box_refine two_stage single_scale dc5]
         [--train-variants plain] [--repeats 3] [--size 800 1333] [--threads N]
         [--device cpu|cuda] [--train/--no-train] [--train-batch 1] [--batches 1 4]
         [--amp off|on|both] [--amp-dtype float16|bfloat16]
-        [--impls compiled pytorch onnxruntime]
+        [--impls compiled pytorch onnxruntime huggingface]
         [--stages/--no-stages] [--json results.json]
 """
 import argparse
@@ -59,18 +85,19 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from deformable_detr import add_deformable_detr_config
+from deformable_detr.checkpoint import VARIANTS
 from deformable_detr.layers import MSDeformAttn, has_compiled_op
+from deformable_detr.solver import build_optimizer
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-#: Benchmark variant -> shipped config.
-VARIANTS = {
-    "plain": "deformable_detr_R_50_50ep.yaml",
-    "box_refine": "deformable_detr_R_50_box_refine_50ep.yaml",
-    "two_stage": "deformable_detr_R_50_two_stage_50ep.yaml",
-    "single_scale": "deformable_detr_R_50_single_scale_50ep.yaml",
-    "dc5": "deformable_detr_R_50_single_scale_dc5_50ep.yaml",
-}
-IMPLS = ("compiled", "pytorch", "onnxruntime")
+# transformers (--impls huggingface) builds its model from a config: nothing to download.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Short names accepted by --variants.
+VARIANT_ALIASES = {"dc5": "single_scale_dc5"}
+IMPLS = ("compiled", "pytorch", "onnxruntime", "huggingface")
+#: --impls default: the project's own implementations.
+DEFAULT_IMPLS = ("compiled", "pytorch", "onnxruntime")
 #: Implementations that are PyTorch models (trainable, with stage hooks).
 TORCH_IMPLS = ("compiled", "pytorch")
 #: Target boxes per training image.
@@ -91,20 +118,11 @@ AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 def build(variant, impl, device):
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
-    cfg.merge_from_file(str(CONFIG_DIR / VARIANTS[variant]))
+    cfg.merge_from_file(str(ROOT / VARIANTS[variant].config_file))
     cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", device,
                          "MODEL.DEFORMABLE_DETR.ATTN_IMPL", impl])
     torch.manual_seed(0)
     return cfg, build_model(cfg)
-
-
-def build_optimizer(cfg, model):
-    try:
-        from deformable_detr.solver import build_optimizer as project_optimizer
-    except ImportError:  # the project's solver is optional here
-        return torch.optim.AdamW(model.parameters(), lr=cfg.SOLVER.BASE_LR,
-                                 weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-    return project_optimizer(cfg, model)
 
 
 def make_inputs(size, batch, num_classes, with_instances, seed=0):
@@ -239,9 +257,83 @@ class OnnxRuntimeModel:
         return [{"instances": r} for r in self.predictor.predict_batch(inputs)]
 
 
+class HuggingFaceModel:
+    """transformers' ``DeformableDetrForObjectDetection`` for ``variant`` with the sizes of
+    our ``cfg`` (the published ones in the shipped configs), random weights, ``eval()``;
+    called like ours: ``model(inputs)`` -> ``[{"instances": Instances}]``.
+
+    The input is made by ``reference.preprocess_image`` (our model's normalisation and
+    padding) at the first call with a new ``inputs`` list (the untimed warm-up) and reused by
+    later calls, so the timed calls run only HF's forward and post-processing (see the
+    module docstring).
+    """
+
+    def __init__(self, cfg, variant, reference):
+        import transformers
+
+        v = VARIANTS[variant]  # not DC5: transformers' own ResNet has no dilation
+        d = cfg.MODEL.DEFORMABLE_DETR
+        backbone = transformers.ResNetConfig(  # ResNet-50 (the defaults), res3..res5 or res5
+            out_features=["stage2", "stage3", "stage4"] if v.num_feature_levels > 1
+            else ["stage4"])
+        self.config = transformers.DeformableDetrConfig(
+            use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
+            num_labels=d.NUM_CLASSES, d_model=d.HIDDEN_DIM, num_queries=d.NUM_QUERIES,
+            two_stage_num_proposals=d.NUM_QUERIES, num_feature_levels=d.NUM_FEATURE_LEVELS,
+            encoder_layers=d.ENC_LAYERS, decoder_layers=d.DEC_LAYERS,
+            encoder_attention_heads=d.NHEADS, decoder_attention_heads=d.NHEADS,
+            encoder_ffn_dim=d.DIM_FEEDFORWARD, decoder_ffn_dim=d.DIM_FEEDFORWARD,
+            encoder_n_points=d.ENC_N_POINTS, decoder_n_points=d.DEC_N_POINTS,
+            with_box_refine=v.with_box_refine, two_stage=v.two_stage,
+        )
+        torch.manual_seed(0)
+        self.model = transformers.DeformableDetrForObjectDetection(self.config)
+        self.model.to(cfg.MODEL.DEVICE).eval()
+        self.processor = transformers.DeformableDetrImageProcessor()
+        self.top_k = cfg.TEST.DETECTIONS_PER_IMAGE
+        self.reference = reference
+        self._inputs = self._prepared = None
+
+    def describe(self):
+        c = self.config
+        return (f"huggingface: transformers DeformableDetrForObjectDetection, ResNet-50, "
+                f"{c.num_queries} queries, {c.num_feature_levels} levels, "
+                f"{c.encoder_layers}+{c.decoder_layers} layers, d_model {c.d_model}, "
+                f"FFN {c.encoder_ffn_dim}, {c.encoder_attention_heads} heads, "
+                f"{c.encoder_n_points}/{c.decoder_n_points} points, "
+                f"box refine {c.with_box_refine}, two-stage {c.two_stage}, "
+                f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.1f} M parameters")
+
+    def eval(self):
+        return self
+
+    def _prepare(self, inputs):
+        """(pixel_values float [N, 3, Hp, Wp], pixel_mask long [N, Hp, Wp] (1: image),
+        target sizes [(h, w)] * N) of our model's padded batch."""
+        with torch.no_grad():
+            images = self.reference.preprocess_image(inputs)
+        mask = torch.zeros(images.tensor[:, 0].shape, dtype=torch.long,
+                           device=images.tensor.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = 1
+        return images.tensor, mask, [tuple(x["image"].shape[-2:]) for x in inputs]
+
+    def __call__(self, inputs):
+        if inputs is not self._inputs:
+            self._inputs, self._prepared = inputs, self._prepare(inputs)
+        pixel_values, pixel_mask, sizes = self._prepared
+        outputs = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        results = self.processor.post_process_object_detection(
+            outputs, threshold=0.0, target_sizes=sizes, top_k=self.top_k)
+        return [{"instances": Instances(size, pred_boxes=Boxes(r["boxes"]), scores=r["scores"],
+                                        pred_classes=r["labels"])}
+                for size, r in zip(sizes, results)]
+
+
 def build_models(variant, args, impls=None):
     """One model per implementation in ``impls`` (default ``args.impls``), all with the
-    first one's weights; "onnxruntime" is the first PyTorch model exported."""
+    first one's weights; "onnxruntime" is the first PyTorch model exported, "huggingface"
+    transformers' model (its own random weights)."""
     impls = list(args.impls if impls is None else impls)
     models = {}
     for impl in [i for i in impls if i in TORCH_IMPLS] or ["compiled"]:
@@ -252,22 +344,28 @@ def build_models(variant, args, impls=None):
             model.load_state_dict(first.state_dict())
     if "onnxruntime" in impls:
         models["onnxruntime"] = OnnxRuntimeModel(cfg, first, args.threads)
+    if "huggingface" in impls:
+        models["huggingface"] = HuggingFaceModel(cfg, variant, first)
+        print(models["huggingface"].describe(), flush=True)
     return cfg, {impl: models[impl] for impl in impls}
 
 
 def bench_inference(cfg, models, args, batch=1, amp_dtype=None, stages=True):
     """Median seconds per ``model(inputs)`` call at ``batch`` images, per implementation
     (``models`` from ``build_models``), the per-stage medians (if ``stages``) and the largest
-    score difference between the implementations' detections (None with one)."""
+    score difference between the detections of the implementations that share weights (None
+    with fewer than two)."""
     for model in models.values():
         model.eval()
     inputs = make_inputs(args.size, batch, cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES, False)
 
-    # Warm-up; also a check that all paths compute the same detections.
+    # Warm-up; also a check that all paths with the same weights (all but huggingface)
+    # compute the same detections.
     scores = {}
     for impl, model in models.items():
         _, out = run_inference(model, inputs, args.device, amp_dtype)
-        scores[impl] = out[0]["instances"].scores.float().sort().values
+        if impl != "huggingface":
+            scores[impl] = out[0]["instances"].scores.float().sort().values
     score_diff = None
     if len(scores) >= 2:
         a, *others = scores.values()
@@ -329,23 +427,31 @@ def precisions(args):
     return {"off": [("fp32", None)], "on": [amp], "both": [("fp32", None), amp]}[args.amp]
 
 
-def result_row(variant, pass_, precision, t, onnxruntime=False):
-    """A markdown row: seconds per call of each implementation and PyTorch / compiled (and,
-    with ``onnxruntime``, its seconds and compiled / onnxruntime)."""
-    c, p, o = t.get("compiled"), t.get("pytorch"), t.get("onnxruntime")
-    ratio = f"{p / c:.2f}x" if c and p else "—"
-    cells = [f"{x:.3f}" if x is not None else "—" for x in (c, p, o)]
-    row = f"| {variant} | {pass_} | {precision} | {cells[0]} | {cells[1]} | {ratio} |"
-    if onnxruntime:
-        row += f" {cells[2]} | " + (f"{c / o:.2f}x" if c and o else "—") + " |"
-    return row
+def result_row(variant, pass_, precision, t, columns=()):
+    """A markdown row: seconds per call of the compiled and PyTorch paths and PyTorch /
+    compiled, then for each of ``columns`` ("onnxruntime", "huggingface") its seconds and
+    compiled / onnxruntime, or HF / ours (ours: compiled, else PyTorch)."""
+    def cell(x):
+        return f"{x:.3f}" if x is not None else "—"
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "—"
+
+    c, p = t.get("compiled"), t.get("pytorch")
+    cells = [cell(c), cell(p), ratio(p, c)]
+    if "onnxruntime" in columns:
+        cells += [cell(t.get("onnxruntime")), ratio(c, t.get("onnxruntime"))]
+    if "huggingface" in columns:
+        cells += [cell(t.get("huggingface")), ratio(t.get("huggingface"), c or p)]
+    return "| " + " | ".join([variant, pass_, precision, *cells]) + " |"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    variant_names = [*VARIANTS, *VARIANT_ALIASES]
     parser.add_argument("--variants", nargs="+", default=["plain", "box_refine", "two_stage"],
-                        choices=list(VARIANTS), help="variants timed at inference")
-    parser.add_argument("--train-variants", nargs="*", choices=list(VARIANTS),
+                        choices=variant_names, help="variants timed at inference")
+    parser.add_argument("--train-variants", nargs="*", choices=variant_names,
                         help="variants timed in training (default: --variants)")
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                         help="also time training iterations")
@@ -360,12 +466,16 @@ def main():
                         help="mixed precision: only, or as well as float32 (meant for CUDA; "
                         "on the CPU autocast is slow, bfloat16 only there)")
     parser.add_argument("--amp-dtype", default="float16", choices=list(AMP_DTYPES))
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
-                        help="attention implementations to time")
+    parser.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=list(IMPLS),
+                        help="implementations to time (huggingface: transformers' model, "
+                        "inference only)")
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
                         help="time the inference stages (hooks that synchronise)")
     parser.add_argument("--json", help="write all measurements to this file")
     args = parser.parse_args()
+    args.variants = [VARIANT_ALIASES.get(v, v) for v in args.variants]
+    if args.train_variants is not None:
+        args.train_variants = [VARIANT_ALIASES.get(v, v) for v in args.train_variants]
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if min(args.size) < 32:
@@ -384,6 +494,15 @@ def main():
         except ImportError as e:
             parser.error(f"--impls onnxruntime needs the export extra ({e}): "
                          "pip install onnx onnxruntime onnxscript")
+    if "huggingface" in args.impls:
+        dilated = [v for v in args.variants if VARIANTS[v].dilation]
+        if dilated:
+            parser.error(f"--impls huggingface: transformers' own ResNet has no dilated res5, "
+                         f"leave out {dilated}")
+        try:
+            import transformers  # noqa: F401
+        except ImportError as e:
+            parser.error(f"--impls huggingface needs transformers ({e})")
     if "compiled" in args.impls and not has_compiled_op(args.device):
         parser.error(f"the compiled op has no {args.device} kernel: build the extension "
                      "(`pip install -e .`) first")
@@ -402,7 +521,7 @@ def main():
     print(f"load average (1, 5, 15 min) at start: {load_average()}\n", flush=True)
 
     rows, stage_rows, records = [], [], []
-    with_ort = "onnxruntime" in args.impls
+    columns = [i for i in ("onnxruntime", "huggingface") if i in args.impls]
     for variant in args.variants:
         cfg, models = build_models(variant, args)
         for label, amp_dtype in precisions(args):
@@ -410,7 +529,7 @@ def main():
                 t, stages, score_diff = bench_inference(cfg, models, args, batch, amp_dtype,
                                                         args.stages)
                 pass_ = f"inference, batch {batch}"
-                rows.append(result_row(variant, pass_, label, t, with_ort))
+                rows.append(result_row(variant, pass_, label, t, columns))
                 note = f"  <!-- max |score diff| {score_diff:.1e} -->" if score_diff else ""
                 print(rows[-1] + note, flush=True)
                 records.append(dict(variant=variant, kind="inference", batch=batch,
@@ -431,15 +550,18 @@ def main():
         for label, amp_dtype in precisions(args):
             t = bench_training(variant, args, amp_dtype)
             rows.append(result_row(variant, f"training, batch {args.train_batch}", label, t,
-                                   with_ort))
+                                   columns))
             print(rows[-1], flush=True)
             records.append(dict(variant=variant, kind="training", batch=args.train_batch,
                                 precision=label, seconds=t))
 
-    ort_header = (" onnxruntime s | compiled / onnxruntime |", "---|---|") if with_ort else ("", "")
-    print("\n| variant | pass | precision | compiled s | PyTorch s | PyTorch / compiled |"
-          + ort_header[0])
-    print("|---|---|---|---|---|---|" + ort_header[1])
+    header = ["variant", "pass", "precision", "compiled s", "PyTorch s", "PyTorch / compiled"]
+    if "onnxruntime" in columns:
+        header += ["onnxruntime s", "compiled / onnxruntime"]
+    if "huggingface" in columns:
+        header += ["HF s", "HF / ours"]
+    print("\n| " + " | ".join(header) + " |")
+    print("|---" * len(header) + "|")
     print("\n".join(rows))
     if stage_rows:
         print("\nWhere inference time goes (seconds, medians; 'attention' = all MSDeformAttn "

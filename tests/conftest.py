@@ -1,7 +1,11 @@
-"""Shared test helpers: a tiny Deformable DETR config and synthetic detectron2 inputs.
+"""Shared test helpers: the tiny Deformable DETR model and synthetic detectron2 inputs.
 
+The tiny model is defined once, in :data:`TINY` (its transformer: :data:`TINY_TRANSFORMER`):
+:func:`tiny_opts` applies it to a shipped config (``cfg.merge_from_list(tiny_opts())`` or a
+command line), :func:`make_tiny_cfg` builds a config from detectron2's defaults with it.
 Use the fixtures ``tiny_cfg`` (a factory: ``tiny_cfg(WITH_BOX_REFINE=True)``) and
-``make_inputs``; the plain functions are importable as ``from conftest import ...`` too.
+``make_inputs``; the plain functions are importable as ``from conftest import ...`` too
+(pytest puts ``tests/`` on ``sys.path``).
 """
 from __future__ import annotations
 
@@ -15,10 +19,61 @@ from deformable_detr import add_deformable_detr_config
 PIXEL_MEAN = [123.675, 116.280, 103.530]
 PIXEL_STD = [58.395, 57.120, 57.375]
 
+#: The tiny model's transformer, by ``MODEL.DEFORMABLE_DETR`` key: 32 channels, 4 heads,
+#: 1 encoder and 2 decoder layers, FFN 64, 10 queries.
+TINY_TRANSFORMER = {
+    "HIDDEN_DIM": 32,
+    "NHEADS": 4,
+    "ENC_LAYERS": 1,
+    "DEC_LAYERS": 2,
+    "DIM_FEEDFORWARD": 64,
+    "NUM_QUERIES": 10,
+}
+#: The tiny model, as config overrides: CPU, random weights, ResNet-18 (64-channel res2),
+#: TINY_TRANSFORMER.
+TINY = {
+    "MODEL.DEVICE": "cpu",
+    "MODEL.WEIGHTS": "",
+    "MODEL.RESNETS.DEPTH": 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
+    **{f"MODEL.DEFORMABLE_DETR.{k}": v for k, v in TINY_TRANSFORMER.items()},
+}
+
+
+#: The backbone of the tiny model on ``configs/demo/`` (its slim ResNet-10, narrowed), in place
+#: of TINY's ResNet-18.
+TINY_DEMO_BACKBONE = {
+    "MODEL.RESNETS.STEM_OUT_CHANNELS": 16,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS": 16,
+}
+
+
+def tiny_opts(*extra, demo: bool = False) -> list[str]:
+    """:data:`TINY` as ``[KEY, VALUE, ...]`` strings, followed by ``extra``: shrinks a
+    shipped config (the structure of its variant kept) through ``merge_from_list`` or a
+    command line. ``demo``: for ``configs/demo/``, with :data:`TINY_DEMO_BACKBONE`."""
+    opts = dict(TINY)
+    if demo:
+        del opts["MODEL.RESNETS.DEPTH"]
+        opts.update(TINY_DEMO_BACKBONE)
+    return [str(x) for kv in opts.items() for x in kv] + list(extra)
+
+
+#: The released variants that the tiny model can take (``make_tiny_cfg`` overrides; named as in
+#: ``deformable_detr.checkpoint.VARIANTS``). DC5 is left out: detectron2's ResNet-18 has no
+#: dilated res5.
+TINY_VARIANTS = {
+    "plain": {},
+    "box_refine": {"WITH_BOX_REFINE": True},
+    "two_stage": {"WITH_BOX_REFINE": True, "TWO_STAGE": True},
+    "single_scale": {"IN_FEATURES": ["res5"], "NUM_FEATURE_LEVELS": 1,
+                     "MODEL.RESNETS.OUT_FEATURES": ["res5"]},
+}
+
 
 def make_tiny_cfg(**overrides) -> CfgNode:
-    """A CPU-sized model: ResNet-18 (res3..res5), 32 channels, 4 heads, 1 encoder and 2
-    decoder layers, 10 queries, 5 classes, 20 detections per image.
+    """The :data:`TINY` model on detectron2's defaults: detectron2's ResNet (res3..res5,
+    FrozenBN), 5 classes, 20 detections per image.
 
     ``overrides`` are ``MODEL.DEFORMABLE_DETR`` keys, or full dotted keys
     (``**{"MODEL.RESNETS.DEPTH": 34}``).
@@ -26,27 +81,17 @@ def make_tiny_cfg(**overrides) -> CfgNode:
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "DeformableDETR"
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.PIXEL_MEAN = list(PIXEL_MEAN)
     cfg.MODEL.PIXEL_STD = list(PIXEL_STD)
     cfg.INPUT.FORMAT = "RGB"
     cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 2
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    c = cfg.MODEL.DEFORMABLE_DETR
-    c.NUM_CLASSES = 5
-    c.HIDDEN_DIM = 32
-    c.NHEADS = 4
-    c.ENC_LAYERS = 1
-    c.DEC_LAYERS = 2
-    c.DIM_FEEDFORWARD = 64
-    c.NUM_QUERIES = 10
+    cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES = 5
     cfg.TEST.DETECTIONS_PER_IMAGE = 20
+    cfg.merge_from_list(tiny_opts())
     flat = []
     for k, v in overrides.items():
         flat += [k if "." in k else f"MODEL.DEFORMABLE_DETR.{k}", v]

@@ -6,33 +6,28 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_opts
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from deformable_detr import add_deformable_detr_config
+from deformable_detr.checkpoint import VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
     os.path.relpath(p, ROOT)
     for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
 )
-# Variant -> (released COCO val2017 AP, trainable parameters of the reference model with
-# 91 classes), from the paper's table and the released checkpoints.
-RELEASED = {
-    "configs/deformable_detr_R_50_50ep.yaml": (44.5, 39_847_265),
-    "configs/deformable_detr_R_50_box_refine_50ep.yaml": (46.2, 40_627_260),
-    "configs/deformable_detr_R_50_two_stage_50ep.yaml": (46.9, 40_959_129),
-    "configs/deformable_detr_R_50_single_scale_50ep.yaml": (39.4, 33_844_193),
-    "configs/deformable_detr_R_50_single_scale_dc5_50ep.yaml": (41.5, 33_844_193),
+# Variant -> trainable parameters of the reference model with 91 classes (from the released
+# checkpoints).
+REFERENCE_PARAMETERS = {
+    "plain": 39_847_265,
+    "box_refine": 40_627_260,
+    "two_stage": 40_959_129,
+    "single_scale": 33_844_193,
+    "single_scale_dc5": 33_844_193,
 }
-TINY = [
-    "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "",
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "32", "MODEL.DEFORMABLE_DETR.NHEADS", "2",
-    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
-    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "10",
-]
 
 
 def load(path, opts=()):
@@ -43,8 +38,9 @@ def load(path, opts=()):
     return cfg
 
 
-def test_all_released_variants_have_a_config():
-    assert set(RELEASED) <= set(CONFIGS)
+def test_variant_table_lists_the_released_models():
+    assert set(VARIANTS) == set(REFERENCE_PARAMETERS)
+    assert {v.config_file for v in VARIANTS.values()} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -52,9 +48,7 @@ def test_config_builds_and_runs(path):
     """Merge, build at small size (the variant's structure kept) and run one training and one
     inference step on two small images."""
     torch.manual_seed(0)
-    # The demo configs are small already; the released ones are shrunk.
-    small = path.startswith(os.path.join("configs", "demo"))
-    cfg = load(path, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] if small else TINY)
+    cfg = load(path, tiny_opts(demo=path.startswith(os.path.join("configs", "demo"))))
     if cfg.MODEL.RESNETS.RES5_DILATION != 1:  # detectron2 has no dilated res5 for R-18
         cfg.MODEL.RESNETS.DEPTH = 50
         cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
@@ -79,13 +73,14 @@ def test_config_builds_and_runs(path):
     assert len(out) == 2 and len(out[0]["instances"]) == k
 
 
-@pytest.mark.parametrize("path", sorted(RELEASED))
-def test_released_variant_parameter_count(path):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_released_variant_parameter_count(variant):
     """Full-size model: trainable parameters equal the reference model's (91 classes)."""
+    path = VARIANTS[variant].config_file
     cfg = load(path, ["MODEL.DEVICE", "cpu", "MODEL.DEFORMABLE_DETR.NUM_CLASSES", "91"])
     model = build_model(cfg)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert n == RELEASED[path][1]
+    assert n == REFERENCE_PARAMETERS[variant]
     strides = {k: v.stride for k, v in model.backbone.output_shape().items()}
     if "single_scale" in path:
         assert list(cfg.MODEL.DEFORMABLE_DETR.IN_FEATURES) == ["res5"]
@@ -97,16 +92,18 @@ def test_released_variant_parameter_count(path):
         assert [strides[f] for f in ("res3", "res4", "res5")] == [8, 16, 32]
 
 
-@pytest.mark.parametrize("path", sorted(RELEASED))
-def test_released_variant_states_its_ap(path):
-    with open(os.path.join(ROOT, path)) as f:
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_released_variant_states_its_ap(variant):
+    """The config's header and the variant table give the same published AP."""
+    with open(os.path.join(ROOT, VARIANTS[variant].config_file)) as f:
         head = "".join(line for line in f if line.startswith("#"))
     m = re.search(r"AP (\d+\.\d)", head)
-    assert m is not None and float(m.group(1)) == RELEASED[path][0]
+    assert m is not None and float(m.group(1)) == VARIANTS[variant].coco_ap
 
 
-@pytest.mark.parametrize("path", sorted(RELEASED))
-def test_released_recipe(path):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_released_recipe(variant):
+    path = VARIANTS[variant].config_file
     cfg = load(path)
     s, i, m = cfg.SOLVER, cfg.INPUT, cfg.MODEL
     assert s.OPTIMIZER == "ADAMW" and s.IMS_PER_BATCH == 32
@@ -142,12 +139,16 @@ def test_released_recipe(path):
     assert (d.NUM_CLASSES, d.HIDDEN_DIM, d.NHEADS, d.ENC_LAYERS, d.DEC_LAYERS) == (80, 256, 8, 6, 6)
     assert (d.DIM_FEEDFORWARD, d.DROPOUT, d.NUM_QUERIES) == (1024, 0.1, 300)
     assert (d.ENC_N_POINTS, d.DEC_N_POINTS) == (4, 4)
-    variant = os.path.basename(path)
-    assert d.WITH_BOX_REFINE == ("refine" in variant or "two_stage" in variant)
-    assert d.TWO_STAGE == ("two_stage" in variant)
-    if "single_scale" in variant:
+    # The variant table (what select_variant reads) and the file names agree with the config.
+    v = VARIANTS[variant]
+    assert (d.WITH_BOX_REFINE, d.TWO_STAGE) == (v.with_box_refine, v.two_stage)
+    assert d.NUM_FEATURE_LEVELS == v.num_feature_levels and (r.RES5_DILATION == 2) == v.dilation
+    name = os.path.basename(path)
+    assert d.WITH_BOX_REFINE == ("refine" in name or "two_stage" in name)
+    assert d.TWO_STAGE == ("two_stage" in name)
+    if "single_scale" in name:
         assert list(r.OUT_FEATURES) == ["res5"] and d.NUM_FEATURE_LEVELS == 1
-        assert r.RES5_DILATION == (2 if "dc5" in variant else 1)
+        assert r.RES5_DILATION == (2 if "dc5" in name else 1)
     else:
         assert list(r.OUT_FEATURES) == ["res3", "res4", "res5"] and d.NUM_FEATURE_LEVELS == 4
         assert list(d.IN_FEATURES) == ["res3", "res4", "res5"] and r.RES5_DILATION == 1

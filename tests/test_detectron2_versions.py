@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRANSFORMER as TINY_T
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
@@ -94,15 +95,18 @@ def tiny_dataset(tmp_path_factory):
 
 
 def tiny_lazy_overrides(dataset, out_dir, max_iter=2):
-    """Shrink the shipped LazyConfigs' training to seconds on a CPU: 2-image batches, one
-    encoder and two decoder layers of 32 channels, 10 queries, 2 classes."""
+    """Shrink the shipped LazyConfigs' training to seconds on a CPU: 2-image batches, the
+    tiny model's transformer (conftest.TINY_TRANSFORMER), 2 classes."""
     return [
         "train.device=cpu", f"train.output_dir={out_dir}", "train.init_checkpoint=",
         f"train.max_iter={max_iter}", "train.eval_period=0", "train.log_period=1",
         "train.checkpointer.period=1", f"lr_multiplier.milestones=[{max_iter - 1}]",
-        "model.transformer.d_model=32", "model.transformer.nhead=2",
-        "model.transformer.num_encoder_layers=1", "model.transformer.num_decoder_layers=2",
-        "model.transformer.dim_feedforward=64", "model.num_queries=10", "model.num_classes=2",
+        f"model.transformer.d_model={TINY_T['HIDDEN_DIM']}",
+        f"model.transformer.nhead={TINY_T['NHEADS']}",
+        f"model.transformer.num_encoder_layers={TINY_T['ENC_LAYERS']}",
+        f"model.transformer.num_decoder_layers={TINY_T['DEC_LAYERS']}",
+        f"model.transformer.dim_feedforward={TINY_T['DIM_FEEDFORWARD']}",
+        f"model.num_queries={TINY_T['NUM_QUERIES']}", "model.num_classes=2",
         f"dataloader.train.dataset.names={dataset}", f"dataloader.test.dataset.names={dataset}",
         "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0",
@@ -220,15 +224,17 @@ def test_backbone_padding_reads_padding_constraints():
     assert backbone_padding(torch.nn.Identity()) == {"size_divisibility": 0, "square_size": 0}
 
 
-def tiny_model(backbone, in_features, hidden_dim=32, num_classes=3):
-    transformer = DeformableTransformer(d_model=hidden_dim, nhead=2, num_encoder_layers=1,
-                                        num_decoder_layers=2, dim_feedforward=64,
-                                        num_feature_levels=len(in_features) + 1,
-                                        two_stage_num_proposals=10)
+def tiny_model(backbone, in_features, num_classes=3):
+    """The tiny model's transformer (conftest.TINY_TRANSFORMER) on ``backbone``."""
+    transformer = DeformableTransformer(
+        d_model=TINY_T["HIDDEN_DIM"], nhead=TINY_T["NHEADS"],
+        num_encoder_layers=TINY_T["ENC_LAYERS"], num_decoder_layers=TINY_T["DEC_LAYERS"],
+        dim_feedforward=TINY_T["DIM_FEEDFORWARD"],
+        num_feature_levels=len(in_features) + 1, two_stage_num_proposals=TINY_T["NUM_QUERIES"])
     criterion = SetCriterion(num_classes, HungarianMatcher())
     return build_deformable_detr(
         backbone=backbone, adapter={"in_features": in_features}, transformer=transformer,
-        criterion=criterion, num_classes=num_classes, num_queries=10,
+        criterion=criterion, num_classes=num_classes, num_queries=TINY_T["NUM_QUERIES"],
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
 
 

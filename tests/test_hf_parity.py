@@ -24,6 +24,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from deformable_detr import add_deformable_detr_config  # noqa: E402
 from deformable_detr.checkpoint import (  # noqa: E402
+    VARIANTS,
     coco_contiguous_ids,
     convert_checkpoint,
     save_detectron2_checkpoint,
@@ -33,13 +34,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [(64, 96), (80, 56)]  # (h, w): each image is padded along one side
 TOL = 1e-4
 
-HF_VARIANTS = {
-    "plain": {},
-    "box_refine": {"with_box_refine": True},
-    "two_stage": {"with_box_refine": True, "two_stage": True},
-    "single_scale": {"num_feature_levels": 1},
-    "single_scale_dc5": {"num_feature_levels": 1, "dilation": True},
-}
 # The overrides the converter must print for the small models built here.
 EXPECTED_OVERRIDES = {
     "MODEL.DEFORMABLE_DETR.HIDDEN_DIM": "64",
@@ -57,23 +51,24 @@ EXPECTED_OVERRIDES = {
 
 
 def build_hf_model(variant: str, num_labels: int, seed: int = 0):
-    """A small transformers model of ``variant`` with random weights (eval mode)."""
-    kwargs = dict(HF_VARIANTS[variant])
-    levels = kwargs.get("num_feature_levels", 4)
+    """A small transformers model of ``variant`` (a name in ``VARIANTS``) with random weights
+    (eval mode)."""
+    v = VARIANTS[variant]
     backbone = transformers.ResNetConfig(
         embedding_size=16, hidden_sizes=[64, 128, 256, 512], depths=[3, 4, 6, 3],
-        out_features=["stage2", "stage3", "stage4"] if levels > 1 else ["stage4"],
+        out_features=["stage2", "stage3", "stage4"] if v.num_feature_levels > 1 else ["stage4"],
     )
     config = transformers.DeformableDetrConfig(
         use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
         d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_layers=2, decoder_layers=3, encoder_ffn_dim=128, decoder_ffn_dim=128,
         encoder_n_points=2, decoder_n_points=3, num_queries=20, two_stage_num_proposals=20,
-        num_labels=num_labels, **kwargs,
+        num_labels=num_labels, num_feature_levels=v.num_feature_levels,
+        with_box_refine=v.with_box_refine, two_stage=v.two_stage, dilation=v.dilation,
     )
     torch.manual_seed(seed)
     hf = transformers.DeformableDetrForObjectDetection(config).eval()
-    if kwargs.get("dilation"):
+    if v.dilation:
         # transformers' own ResNet has no dilation (only its timm backbones do): make res5
         # torchvision's DC5, as the released model: stride 1 everywhere, the first block's
         # 3x3 conv undilated, the others dilated by 2.
@@ -84,7 +79,7 @@ def build_hf_model(variant: str, num_labels: int, seed: int = 0):
                 block.shortcut.convolution.stride = (1, 1)
             else:
                 conv.dilation, conv.padding = (2, 2), (2, 2)
-    if kwargs.get("with_box_refine") and not kwargs.get("two_stage"):
+    if v.with_box_refine and not v.two_stage:
         # transformers >= 5 ties the refinement model's class heads to head 0; the released
         # model has one per layer. Untie them so a head mix-up cannot go unnoticed.
         for head in hf.class_embed[1:]:

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import make_inputs, make_tiny_cfg
+from conftest import TINY_VARIANTS, make_inputs, make_tiny_cfg
 from detectron2.modeling import build_model
 
 from deformable_detr.layers import (
@@ -265,24 +265,15 @@ def test_matcher_in_half_precision(dtype):
 
 # ------------------------------------------------------------------ the model under autocast
 
-VARIANTS = {
-    "plain": {},
-    "refine": {"WITH_BOX_REFINE": True},
-    "two_stage": {"WITH_BOX_REFINE": True, "TWO_STAGE": True},
-    "single_scale": {"IN_FEATURES": ["res5"], "NUM_FEATURE_LEVELS": 1,
-                     "MODEL.RESNETS.OUT_FEATURES": ["res5"]},
-}
-
-
 def _build(variant):
     torch.manual_seed(0)
     # A frozen backbone: float16 convolution backward on the CPU takes seconds (no oneDNN
     # kernel), and the backbone is detectron2's, not what is tested here.
-    return build_model(make_tiny_cfg(**VARIANTS[variant], **{"MODEL.BACKBONE.FREEZE_AT": 5}))
+    return build_model(make_tiny_cfg(**TINY_VARIANTS[variant], **{"MODEL.BACKBONE.FREEZE_AT": 5}))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=_name)
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(TINY_VARIANTS))
 def test_training_step_under_cpu_autocast(variant, dtype):
     model = _build(variant).train()
     with torch.autocast("cpu", dtype=dtype):

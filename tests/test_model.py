@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import PIXEL_MEAN, PIXEL_STD, make_inputs, make_tiny_cfg
+from conftest import PIXEL_MEAN, PIXEL_STD, TINY_VARIANTS, make_inputs, make_tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone, build_model
 from detectron2.structures import Instances
@@ -24,13 +24,6 @@ from deformable_detr.modeling import (
 )
 from deformable_detr.modeling import meta_arch as meta_arch_module
 
-VARIANTS = {
-    "plain": {},
-    "refine": {"WITH_BOX_REFINE": True},
-    "two_stage": {"WITH_BOX_REFINE": True, "TWO_STAGE": True},
-    "single_scale": {"IN_FEATURES": ["res5"], "NUM_FEATURE_LEVELS": 1,
-                     "MODEL.RESNETS.OUT_FEATURES": ["res5"]},
-}
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 
 
@@ -159,9 +152,9 @@ def test_adapter_levels_masks_and_names():
 # ------------------------------------------------------------------------- heads & names
 
 
-@pytest.mark.parametrize("variant", ["plain", "refine", "two_stage"])
+@pytest.mark.parametrize("variant", ["plain", "box_refine", "two_stage"])
 def test_heads_init_and_sharing(variant):
-    model = build(**VARIANTS[variant])
+    model = build(**TINY_VARIANTS[variant])
     n_pred = 3 if variant == "two_stage" else 2
     assert len(model.class_embed) == len(model.bbox_embed) == n_pred
     prior = -math.log((1 - 0.01) / 0.01)
@@ -176,7 +169,7 @@ def test_heads_init_and_sharing(variant):
     else:
         assert len({id(m) for m in model.bbox_embed}) == n_pred
         assert len({id(m) for m in model.class_embed}) == n_pred
-        if variant == "refine":
+        if variant == "box_refine":
             assert box_bias == [[-2.0, -2.0], [0.0, 0.0]]
         else:
             assert box_bias == [[0.0, 0.0]] * 3
@@ -192,9 +185,9 @@ def test_heads_init_and_sharing(variant):
 # --------------------------------------------------------------------- variants end to end
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(TINY_VARIANTS))
 def test_variant_trains_and_infers(variant):
-    model = build(**VARIANTS[variant])
+    model = build(**TINY_VARIANTS[variant])
     inputs = make_inputs(out_scale=1.5)
     model.train()
     losses = model(inputs)
@@ -328,7 +321,7 @@ def test_keyword_construction_equals_config_construction():
 # ------------------------------------------------------------------- padding invariance
 
 
-@pytest.mark.parametrize("variant", ["plain", "refine"])
+@pytest.mark.parametrize("variant", ["plain", "box_refine"])
 def test_padding_invariance(variant):
     """Transformer + heads: one image alone vs. the same image padded (with junk in the
     padding) next to a larger one give the same outputs. Checks the per-level masks, valid
@@ -336,7 +329,7 @@ def test_padding_invariance(variant):
 
     (The full network is not invariant in the published design: the backbone's convolutions
     and the adapter's GroupNorm see the padding, so the test starts after the adapter.)"""
-    model = perturb(build(**VARIANTS[variant]))
+    model = perturb(build(**TINY_VARIANTS[variant]))
     model.eval()
     g = torch.Generator().manual_seed(0)
     alone = [(8, 12), (4, 6), (2, 3), (1, 2)]
@@ -397,10 +390,10 @@ def test_overfits_a_fixed_batch():
 
 
 @pytest.mark.skipif(not has_compiled_op(), reason="compiled extension not built")
-@pytest.mark.parametrize("variant", ["refine", "two_stage"])
+@pytest.mark.parametrize("variant", ["box_refine", "two_stage"])
 def test_compiled_and_pytorch_attention_agree(variant):
-    pt = perturb(build(ATTN_IMPL="pytorch", DROPOUT=0.0, **VARIANTS[variant]))
-    cc = build(ATTN_IMPL="compiled", DROPOUT=0.0, **VARIANTS[variant])
+    pt = perturb(build(ATTN_IMPL="pytorch", DROPOUT=0.0, **TINY_VARIANTS[variant]))
+    cc = build(ATTN_IMPL="compiled", DROPOUT=0.0, **TINY_VARIANTS[variant])
     cc.load_state_dict(pt.state_dict())
     inputs = make_inputs()
     losses_pt, losses_cc = pt(inputs), cc(inputs)

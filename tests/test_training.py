@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_opts
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
@@ -26,21 +27,16 @@ from deformable_detr.engine import SafeDetectionCheckpointer, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/deformable_detr_R_50_50ep.yaml"
-# The released config, shrunk: R-18 (frozen, for speed), 32 channels, 1+2 layers, 10 queries,
+# The released config with the tiny model (conftest.TINY), its backbone frozen for speed, on
 # ~64 px images, the crop branch kept.
-TINY = [
-    "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "",
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+TINY = tiny_opts(
     "MODEL.BACKBONE.FREEZE_AT", "5",
-    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "32", "MODEL.DEFORMABLE_DETR.NHEADS", "2",
-    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
-    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "10",
     "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
     "INPUT.DETR_CROP.RESIZE_SHORT", "[64]", "INPUT.DETR_CROP.CROP_SIZE_MIN", "32",
     "INPUT.DETR_CROP.CROP_SIZE_MAX", "48", "INPUT.MIN_SIZE_TEST", "64",
     "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
     "SOLVER.STEPS", "()", "TEST.EVAL_PERIOD", "0",
-]
+)
 
 
 # ------------------------------------------------------------------------------ dataset

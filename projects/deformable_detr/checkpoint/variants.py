@@ -1,5 +1,8 @@
 """The five released model variants, their configs, and the hyper-parameters a checkpoint has.
 
+:data:`VARIANTS` is the one table of the released models (config, official checkpoint, published
+AP) that the converter, the benchmarks and the tests read.
+
 A checkpoint's tensors fix most hyper-parameters (widths, depths, levels, queries, heads);
 :func:`select_variant` picks the released config they match and lists the config overrides
 needed where they differ (e.g. a model fine-tuned with fewer queries or classes).
@@ -16,28 +19,50 @@ class Variant:
     """A released Deformable DETR model and the config in ``configs/`` that builds it."""
 
     name: str
+    #: Path of the shipped config, relative to the repository root.
     config_file: str
     with_box_refine: bool
     two_stage: bool
     num_feature_levels: int
     dilation: bool
-    #: Name of the key list in ``official_checkpoint_keys/`` (and of the released file).
+    #: Name of the key list in ``tests/data/official_checkpoint_keys/`` (``<name>.txt``).
     official_name: str
+    #: File name of the official release's checkpoint.
+    checkpoint_file: str
+    #: COCO val2017 box AP of the official checkpoint (as the reference repository and the
+    #: config's header state it).
+    coco_ap: float
 
 
 VARIANTS = {
     v.name: v
     for v in [
-        Variant("plain", "configs/deformable_detr_R_50_50ep.yaml", False, False, 4, False,
-                "plain"),
-        Variant("box_refine", "configs/deformable_detr_R_50_box_refine_50ep.yaml", True, False,
-                4, False, "refine"),
-        Variant("two_stage", "configs/deformable_detr_R_50_two_stage_50ep.yaml", True, True, 4,
-                False, "two_stage"),
-        Variant("single_scale", "configs/deformable_detr_R_50_single_scale_50ep.yaml", False,
-                False, 1, False, "single_scale"),
+        Variant("plain", "configs/deformable_detr_R_50_50ep.yaml",
+                with_box_refine=False, two_stage=False, num_feature_levels=4, dilation=False,
+                official_name="plain", checkpoint_file="r50_deformable_detr-checkpoint.pth",
+                coco_ap=44.5),
+        Variant("box_refine", "configs/deformable_detr_R_50_box_refine_50ep.yaml",
+                with_box_refine=True, two_stage=False, num_feature_levels=4, dilation=False,
+                official_name="refine",
+                checkpoint_file="r50_deformable_detr_plus_iterative_bbox_refinement"
+                                "-checkpoint.pth",
+                coco_ap=46.2),
+        Variant("two_stage", "configs/deformable_detr_R_50_two_stage_50ep.yaml",
+                with_box_refine=True, two_stage=True, num_feature_levels=4, dilation=False,
+                official_name="two_stage",
+                checkpoint_file="r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus"
+                                "_two_stage-checkpoint.pth",
+                coco_ap=46.9),
+        Variant("single_scale", "configs/deformable_detr_R_50_single_scale_50ep.yaml",
+                with_box_refine=False, two_stage=False, num_feature_levels=1, dilation=False,
+                official_name="single_scale",
+                checkpoint_file="r50_deformable_detr_single_scale-checkpoint.pth",
+                coco_ap=39.4),
         Variant("single_scale_dc5", "configs/deformable_detr_R_50_single_scale_dc5_50ep.yaml",
-                False, False, 1, True, "single_scale_dc5"),
+                with_box_refine=False, two_stage=False, num_feature_levels=1, dilation=True,
+                official_name="single_scale_dc5",
+                checkpoint_file="r50_deformable_detr_single_scale_dc5-checkpoint.pth",
+                coco_ap=41.5),
     ]
 }
 
