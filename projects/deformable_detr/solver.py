@@ -78,11 +78,16 @@ def maybe_add_full_model_gradient_clipping(
     Mixed precision: ``GradScaler.step(optimizer)`` (used by detectron2's ``AMPTrainer``)
     unscales the gradients before it calls ``optimizer.step()``, and skips the call when
     they hold inf/nan, so the clipping here always sees true, finite gradients. This holds
-    for optimizers that do not set ``_step_supports_amp_scaling`` (fused AdamW does; do not
-    use it with this wrapper).
+    The subclass never takes the scale into its step (fused optimizers otherwise do, and
+    would be handed still-scaled gradients).
     """
     if clip_norm <= 0:
         return optimizer_type
+
+    def __init__(self, *args, **kwargs):
+        super(cls, self).__init__(*args, **kwargs)
+        # GradScaler then unscales, and skips steps on inf, before calling step().
+        self._step_supports_amp_scaling = False
 
     def step(self, closure=None):
         params = itertools.chain(*[g["params"] for g in self.param_groups])
@@ -90,7 +95,7 @@ def maybe_add_full_model_gradient_clipping(
         return super(cls, self).step(closure=closure)
 
     cls = type(optimizer_type.__name__ + "WithFullModelGradientClip", (optimizer_type,),
-               {"step": step})
+               {"__init__": __init__, "step": step})
     return cls
 
 
@@ -167,7 +172,14 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     )
     # detectron2's per-parameter clipping, only when asked for instead of the global one.
     optimizer_type = maybe_add_gradient_clipping(cfg, optimizer_type)
-    # foreach: one call per step for all tensors instead of a Python loop over them (also
-    # on the CPU, where torch does not pick it by default); the same update.
     return optimizer_type(groups, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-                          foreach=True)
+                          **_multi_tensor_kwargs())
+
+
+def _multi_tensor_kwargs() -> Dict[str, bool]:
+    """How the optimizer updates all tensors at once (the same update, to float rounding):
+    ``fused`` (one kernel for all tensors: CUDA, and CPU from torch 2.4) or ``foreach`` (a
+    few calls per step, instead of torch's default Python loop on the CPU)."""
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 4):
+        return {"fused": True}
+    return {"foreach": True}
