@@ -38,9 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
     const at::Tensor& attn_weight, const at::Tensor& grad_output);
 
-// Checks what the kernels rely on for memory safety (ranks, sizes, dtypes, devices) and
+// Checks ranks, sizes, dtypes and devices (what the kernels rely on for memory safety), with
+// the messages of the Python wrapper, which checks only the level contents on top, and
 // returns the inputs made contiguous, with the sampling locations and attention weights in
-// the accumulation dtype. The friendlier checks live in the Python wrapper.
+// the accumulation dtype.
 struct MSDeformAttnArgs {
   at::Tensor value, spatial_shapes, level_start_index, sampling_loc, attn_weight;
   Sizes sizes;

@@ -129,6 +129,23 @@ def test_gradcheck():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# Lq=3 reads the value in place, Lq=40 works on per-head copies (Lq * L * P >= S = 19).
+@pytest.mark.parametrize("Lq", [3, 40])
+def test_opcheck(dtype, Lq):
+    # The schema, the fake kernel, the autograd registration and the op under AOT dispatch
+    # (torch.compile's path), each against the eager kernels.
+    value, shapes, starts, loc, attn = make_inputs([(3, 4), (2, 2), (1, 3)], N=2, M=2, D=4,
+                                                   P=2, Lq=Lq, dtype=dtype, seed=5)
+    for t in (value, loc, attn):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn_forward.default,
+                          (value, shapes, starts, loc, attn))
+    grad_out = torch.rand(2, Lq, 8, dtype=dtype)
+    torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn_backward.default,
+                          (value.detach(), shapes, starts, loc.detach(), attn.detach(), grad_out))
+
+
 def test_backward_is_deterministic():
     inputs = make_inputs(LEVELS[3], N=2, M=8, D=32, P=4, Lq=300, dtype=torch.float32, seed=7)
     # Many queries share value positions: racy accumulation would show up as bit differences.

@@ -483,9 +483,11 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                                        const at::Tensor& level_start_index,
                                        const at::Tensor& sampling_loc,
                                        const at::Tensor& attn_weight) {
-  const c10::cuda::CUDAGuard guard(value.device());
+  // Checked before the guard, which would reject a CPU value less clearly than the device
+  // check does (the inputs' ATen ops guard their own devices).
   const auto a =
       prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
+  const c10::cuda::CUDAGuard guard(value.device());
   auto out = forward_output(a);
   if (a.empty()) return out;
   const Sizes& z = a.sizes;
@@ -508,9 +510,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
     const at::Tensor& attn_weight, const at::Tensor& grad_output) {
-  const c10::cuda::CUDAGuard guard(value.device());
+  // Checked before the guard, which would reject a CPU value less clearly than the device
+  // check does (the inputs' ATen ops guard their own devices).
   const auto a =
       prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
+  const c10::cuda::CUDAGuard guard(value.device());
   auto b = backward_buffers(a, grad_output);
   if (a.empty()) return backward_result(b, value, sampling_loc, attn_weight);
   const bool deterministic = at::globalContext().deterministicAlgorithms();

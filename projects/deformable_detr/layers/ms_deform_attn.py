@@ -5,6 +5,7 @@ import logging
 import math
 
 import torch
+from detectron2.utils.logger import log_first_n
 from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
 
@@ -12,11 +13,8 @@ from .ms_deform_attn_op import has_compiled_op, ms_deform_attn, ms_deform_attn_p
 
 __all__ = ["MSDeformAttn", "ATTN_IMPLS"]
 
-logger = logging.getLogger(__name__)
-
 #: Values of ``attn_impl`` (``MODEL.DEFORMABLE_DETR.ATTN_IMPL``).
 ATTN_IMPLS = ("auto", "compiled", "pytorch")
-_warned_fallback = False
 
 
 class MSDeformAttn(nn.Module):
@@ -53,6 +51,13 @@ class MSDeformAttn(nn.Module):
         self.n_heads = n_heads
         self.n_points = n_points
         self.attn_impl = attn_impl
+        # The device types that get the compiled op, fixed here: "auto" picks by the value's
+        # device type among those the extension has kernels for.
+        self._compiled_device_types = {
+            "compiled": None,  # every device type: the op says which it lacks
+            "pytorch": frozenset(),
+            "auto": frozenset(t for t in ("cpu", "cuda") if has_compiled_op(t)),
+        }[attn_impl]
         # When True, forward keeps its last sampling locations [N, Lq, M, L, P, 2], attention
         # weights [N, Lq, M, L, P] and spatial shapes [L, 2] (detached) in
         # ``self.last_sampling`` for visualisation and analysis.
@@ -90,19 +95,19 @@ class MSDeformAttn(nn.Module):
         constant_(self.output_proj.bias.data, 0.0)
 
     def _core(self, value):
-        global _warned_fallback
         if self.core_override is not None:
             return self.core_override
-        impl = self.attn_impl
-        if impl == "auto":
-            impl = "compiled" if has_compiled_op(value.device) else "pytorch"
-            if impl == "pytorch" and not _warned_fallback:
-                _warned_fallback = True
-                logger.warning(
-                    "deformable_detr._C has no kernel for %s: MSDeformAttn falls back to the "
-                    "(slow) PyTorch path", value.device.type,
-                )
-        return ms_deform_attn if impl == "compiled" else ms_deform_attn_pytorch
+        compiled = self._compiled_device_types
+        if compiled is None or value.device.type in compiled:
+            return ms_deform_attn
+        if self.attn_impl == "auto":
+            log_first_n(
+                logging.WARNING,
+                f"deformable_detr._C has no kernel for {value.device.type}: MSDeformAttn falls "
+                "back to the (slow) PyTorch path",
+                key="message",
+            )
+        return ms_deform_attn_pytorch
 
     def _point_sampling_locations(self, query, reference_points, spatial_shapes):
         """Sampling locations [N, Lq, M, L, P, 2] around points ``reference_points``

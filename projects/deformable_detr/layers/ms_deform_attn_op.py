@@ -59,19 +59,18 @@ except ImportError as e:  # pragma: no cover - depends on the build
     _COMPILED = False
     _IMPORT_ERROR = e
 
+# The device types the extension has kernels for, asked once.
+_COMPILED_DEVICE_TYPES = (
+    frozenset(["cpu"] + (["cuda"] if _C.build_info()["cuda"] else [])) if _COMPILED
+    else frozenset()
+)
+
 
 def has_compiled_op(device: torch.device | str | None = None) -> bool:
     """Whether the compiled operator exists (for ``device``'s type, if given)."""
-    if not _COMPILED:
-        return False
     if device is None:
-        return True
-    device = torch.device(device)
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda":
-        return bool(_C.build_info()["cuda"])
-    return False
+        return _COMPILED
+    return torch.device(device).type in _COMPILED_DEVICE_TYPES
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -90,8 +89,11 @@ def _autocast_cast(value, sampling_locations, attention_weights, dtype: torch.dt
     if value.dtype == torch.float32:
         value = value.to(dtype)
     if value.dtype in _HALF:
-        sampling_locations = sampling_locations.float()
-        attention_weights = attention_weights.float()
+        # Only floating tensors: anything else is left for the dtype check to reject.
+        if sampling_locations.is_floating_point():
+            sampling_locations = sampling_locations.float()
+        if attention_weights.is_floating_point():
+            attention_weights = attention_weights.float()
     return value, sampling_locations, attention_weights
 
 
@@ -121,22 +123,25 @@ def _check_levels(shapes: list[tuple[int, int]], starts: list[int] | None, S: in
                          f"{expected}")
 
 
-def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                 *, spatial_shapes_list: Sequence[tuple[int, int]] | None = None) -> None:
-    """Raise a clear ``ValueError``/``TypeError`` for inputs the operator cannot take.
+_NAMES = ("value", "spatial_shapes", "level_start_index", "sampling_locations",
+          "attention_weights")
 
-    Ranks, sizes, dtypes (under autocast: after its casts, see the module docstring) and
-    devices are always checked. The level contents only where that costs no device wait:
-    ``spatial_shapes_list`` when given (positive sizes, sum of H*W equal to S; it is trusted
-    to match the tensors), else the tensors when they are on the CPU (also the start
-    indices). Nothing is read while ``torch.compile`` traces.
-    """
-    names = ("value", "spatial_shapes", "level_start_index", "sampling_locations",
-             "attention_weights")
-    tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    for name, t in zip(names, tensors):
+
+def _check_are_tensors(*tensors) -> None:
+    for name, t in zip(_NAMES, tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_tensors(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights) -> None:
+    """Ranks, sizes, dtypes (under autocast: after its casts) and devices.
+
+    The PyTorch path's checks: it has to work without the extension. The compiled op makes
+    the same checks, with the same messages, in C++ (``prepare_inputs`` in
+    csrc/ms_deform_attn_args.cpp), where they also guard direct calls of
+    ``torch.ops.deformable_detr.*``; its wrapper does not repeat them here.
+    """
     if value.dim() != 4:
         raise ValueError(f"value must be [N, S, M, D], got {_shape(value)}")
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
@@ -173,11 +178,11 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, a
             raise TypeError(f"{name} must be int64, got {t.dtype}")
     if not value.is_floating_point():
         raise TypeError(f"value must be floating point, got {value.dtype}")
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
+    tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if len({t.device for t in tensors}) != 1:
         raise ValueError(
             "all inputs must be on one device, got "
-            + ", ".join(f"{n} on {t.device}" for n, t in zip(names, tensors))
+            + ", ".join(f"{n} on {t.device}" for n, t in zip(_NAMES, tensors))
         )
     autocast_dtype = _autocast_dtype(value.device.type)
     value_dtype = value.dtype
@@ -195,12 +200,42 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, a
                 f"{name} dtype {t.dtype} must equal the value dtype {value_dtype} (or be "
                 "float32 when the value is float16/bfloat16)"
             )
+
+
+def _check_level_contents(value, spatial_shapes, level_start_index, sampling_locations,
+                          spatial_shapes_list) -> None:
+    """The level contents, for inputs whose ranks and sizes have been checked.
+
+    Only where that costs no device wait: ``spatial_shapes_list`` when given, else the
+    tensors when they are on the CPU. Nothing while ``torch.compile`` traces. Not in C++:
+    the compiled op never reads the shapes tensors beyond what its memory safety needs (a
+    direct call with inconsistent levels gives wrong numbers, not an error), and it cannot
+    know the Python ints.
+    """
     if torch.compiler.is_compiling():
         return
+    S, L = value.shape[1], sampling_locations.shape[3]
     if spatial_shapes_list is not None:
         _check_levels(_shape_list(spatial_shapes_list, L), None, S)
     elif value.device.type == "cpu":
         _check_levels([tuple(s) for s in spatial_shapes.tolist()], level_start_index.tolist(), S)
+
+
+def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                 *, spatial_shapes_list: Sequence[tuple[int, int]] | None = None) -> None:
+    """Raise a clear ``ValueError``/``TypeError`` for inputs the operator cannot take.
+
+    Ranks, sizes, dtypes (under autocast: after its casts, see the module docstring) and
+    devices are always checked. The level contents only where that costs no device wait:
+    ``spatial_shapes_list`` when given (positive sizes, sum of H*W equal to S; it is trusted
+    to match the tensors), else the tensors when they are on the CPU (also the start
+    indices). Nothing is read while ``torch.compile`` traces.
+    """
+    tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _check_are_tensors(*tensors)
+    _check_tensors(*tensors)
+    _check_level_contents(value, spatial_shapes, level_start_index, sampling_locations,
+                          spatial_shapes_list)
 
 
 def ms_deform_attn_pytorch(
@@ -313,8 +348,8 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     through ``torch.compile`` and ``torch.export`` as the custom op
     ``torch.ops.deformable_detr.ms_deform_attn_forward``.
     """
-    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                 spatial_shapes_list=spatial_shapes_list)
+    _check_are_tensors(value, spatial_shapes, level_start_index, sampling_locations,
+                       attention_weights)
     if not has_compiled_op(value.device):
         reason = (f"the extension failed to import ({_IMPORT_ERROR})" if not _COMPILED
                   else f"it was built without {value.device.type} kernels")
@@ -323,6 +358,11 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
             f"{reason}. Rebuild with `pip install -e .` (FORCE_CUDA=1 for CUDA), or use "
             "ms_deform_attn_pytorch / MODEL.DEFORMABLE_DETR.ATTN_IMPL 'pytorch'."
         )
-    return torch.ops.deformable_detr.ms_deform_attn_forward(
+    # The op checks ranks, sizes, dtypes and devices (in C++, after any autocast casts);
+    # the level contents, which need those checked, are checked here after it.
+    out = torch.ops.deformable_detr.ms_deform_attn_forward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
+    _check_level_contents(value, spatial_shapes, level_start_index, sampling_locations,
+                          spatial_shapes_list)
+    return out
