@@ -1,3 +1,4 @@
+from .dropout import Dropout, fused_dropout, has_fused_dropout
 from .ms_deform_attn import ATTN_IMPLS, MSDeformAttn
 from .ms_deform_attn_op import (
     check_inputs,
@@ -8,8 +9,11 @@ from .ms_deform_attn_op import (
 
 __all__ = [
     "ATTN_IMPLS",
+    "Dropout",
     "MSDeformAttn",
     "check_inputs",
+    "fused_dropout",
+    "has_fused_dropout",
     "has_compiled_op",
     "ms_deform_attn",
     "ms_deform_attn_pytorch",
