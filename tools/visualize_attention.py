@@ -15,7 +15,7 @@ Example::
         --opts MODEL.WEIGHTS output/demo/model_final.pth
 
 writes ``<name>_decoder.png`` and ``<name>_encoder.png`` per image. A picture has one row
-per query, at most ``MAX_ROWS`` (``--topk``, ``--queries``, ``--pixels``). Weights that
+per query, at most 10 (``MAX_ROWS``; ``--topk``, ``--queries``, ``--pixels``). Weights that
 leave parameters of the model unloaded are refused unless ``--allow-random-weights``.
 
 The command line of ``deformable_detr.visualization.write_attention_pictures``.
