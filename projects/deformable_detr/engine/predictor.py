@@ -1,8 +1,8 @@
 """Running a trained model on images: the batched predictors and what the drawing tools
 share (config, weights, image list, loops over images).
 
-The weights are loaded by :func:`..checkpoint.load_inference_weights`: no pickled code runs,
-and weights that leave the model partly random are refused.
+The weights are loaded by :func:`deformable_detr.checkpoint.load_inference_weights`: no
+pickled code runs, and weights that leave the model partly random are refused.
 
 :class:`Predictor` takes a list of images and returns a list of ``Instances``. By default an
 image's detections do not depend on the other images of the call: images of equal resized
@@ -233,7 +233,7 @@ class Predictor(BatchPredictor):
 
 def load_model(cfg: CfgNode, *, allow_random_weights: bool = False) -> torch.nn.Module:
     """The model of ``cfg`` in eval mode with ``MODEL.WEIGHTS`` loaded by
-    :func:`..checkpoint.load_inference_weights` (errors as :class:`Predictor`)."""
+    :func:`deformable_detr.checkpoint.load_inference_weights` (errors as :class:`Predictor`)."""
     check_weights(cfg.MODEL.WEIGHTS)
     model = build_model(cfg).eval()
     try:
