@@ -47,6 +47,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(ROOT, "benchmarks")
+# Running this file first (runpy) registers the bare package in op-only mode.
+GPU_CHECK = os.path.abspath(__file__)
 EXIT_NO_GPU = 2
 #: Environment variable that makes this module, when imported (as a pytest plugin or by a
 #: child process), register ``deformable_detr`` without running its ``__init__``.
@@ -234,7 +236,7 @@ class GpuCheck:
         so that the bare ``deformable_detr`` package is registered first."""
         if not self.op_only:
             return [sys.executable, script, *args]
-        code = (f"import sys, runpy; sys.path.insert(0, {BENCH_DIR!r}); import gpu_check; "
+        code = (f"import sys, runpy; runpy.run_path({GPU_CHECK!r}); "
                 f"sys.argv = {[script, *args]!r}; runpy.run_path({script!r}, "
                 "run_name='__main__')")
         return [sys.executable, "-c", code]
@@ -389,7 +391,7 @@ class GpuCheck:
             ok, msg = self.check_import(
                 "import json; from deformable_detr import _C; print(json.dumps(dict("
                 "_C.build_info())))" if not self.op_only else
-                f"import sys; sys.path.insert(0, {BENCH_DIR!r}); import gpu_check, json; "
+                f"import json, runpy; runpy.run_path({GPU_CHECK!r}); "
                 "from deformable_detr import _C; print(json.dumps(dict(_C.build_info())))")
             if ok:
                 info = json.loads(msg.splitlines()[-1])
@@ -691,10 +693,12 @@ def make_wheelhouse(dest, python_version):
     registry sdist, as tools/install_detectron2.py installs it, built here into a pure-Python
     wheel) and the packages it needs beyond a stock PyTorch image, pinned to this
     environment's versions where installed."""
+    import runpy
+    import types
     from importlib import metadata
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import install_detectron2
+    install_detectron2 = types.SimpleNamespace(
+        **runpy.run_path(os.path.join(ROOT, "tools", "install_detectron2.py")))
 
     os.makedirs(dest, exist_ok=True)
 

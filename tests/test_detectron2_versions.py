@@ -31,8 +31,7 @@ from PIL import Image
 
 import deformable_detr.compat as compat
 from deformable_detr import add_deformable_detr_config
-from deformable_detr.checkpoint import CheckpointError
-from deformable_detr.engine import SafeDetectionCheckpointer
+from deformable_detr.checkpoint import CheckpointError, SafeDetectionCheckpointer
 from deformable_detr.engine.lazy import do_train, evaluate, lazy_class_names, load_lazy_config
 from deformable_detr.modeling import (
     DeformableTransformer,

@@ -4,7 +4,8 @@ images of different sizes; the TensorRT plugin graph, which nothing here can run
 structure."""
 import logging
 import os
-import sys
+import runpy
+import types
 
 import numpy as np
 import pytest
@@ -36,9 +37,9 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import export_model as export_tool  # noqa: E402
+# The tool's functions, loaded from its file as ``python tools/export_model.py`` would.
+export_tool = types.SimpleNamespace(
+    **runpy.run_path(os.path.join(ROOT, "tools", "export_model.py")))
 
 needs_op = pytest.mark.skipif(not has_compiled_op("cpu"), reason="compiled op not built")
 

@@ -2,11 +2,13 @@
 other classes are rebuilt by name (or from the prior) when MODEL.WEIGHTS is loaded."""
 import logging
 import os
-import sys
+import runpy
+import types
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
@@ -14,29 +16,22 @@ from detectron2.modeling import build_model
 import deformable_detr.modeling.slim_resnet  # noqa: F401  (registers the demo backbone)
 from deformable_detr.checkpoint import (
     CheckpointError,
+    SafeDetectionCheckpointer,
     add_class_names,
+    class_head_options,
     coco_class_names,
     convert_state_dict,
+    dataset_class_names,
     detectron2_to_official,
+    load_inference_weights,
     load_torch_file,
     prior_bias,
     save_detectron2_checkpoint,
 )
 from deformable_detr.data import SHAPES_CATEGORIES, generate_shapes_dataset, register_shapes_dataset
-from deformable_detr.engine import (
-    SafeDetectionCheckpointer,
-    Trainer,
-    class_head_options,
-    dataset_class_names,
-    load_inference_weights,
-)
-from deformable_detr.engine.predictor import setup_cfg
+from deformable_detr.engine import Trainer, setup_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from conftest import make_tiny_cfg  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
 # The demo config shrunk for speed (as in test_tools.py).
@@ -278,8 +273,7 @@ def test_finetune_shapes_from_other_classes(tmp_path, caught):
     assert all(torch.isfinite(v).all() for v in final["model"].values())
 
     # Evaluate and draw from the fine-tuned weights: same classes, loaded as they are.
-    import train_net
-
+    train_net = types.SimpleNamespace(**runpy.run_path(os.path.join(ROOT, "train_net.py")))
     caught.clear()
     args = train_net.default_argument_parser().parse_args(
         ["--eval-only", "--config-file", CONFIG, *TINY, "MODEL.WEIGHTS",
@@ -294,8 +288,8 @@ def test_finetune_shapes_from_other_classes(tmp_path, caught):
                                               r"classes \(red triangle, green square"):
         train_net.main(args)
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import visualize_gradients
+    visualize_gradients = types.SimpleNamespace(
+        **runpy.run_path(os.path.join(ROOT, "tools", "visualize_gradients.py")))
 
     pictures = tmp_path / "gradients"
     rc = visualize_gradients.main(

@@ -27,15 +27,16 @@ from test_convert import synthetic_official
 from test_training import CONFIG, TINY, write_coco_split
 from test_training import tiny_cfg as training_cfg
 
-from deformable_detr.checkpoint import CheckpointError, convert_checkpoint, convert_state_dict
-from deformable_detr.data import DeformableDetrDatasetMapper
-from deformable_detr.engine import (
+from deformable_detr.checkpoint import (
+    CheckpointError,
     SafeDetectionCheckpointer,
-    Trainer,
+    convert_checkpoint,
+    convert_state_dict,
     load_inference_weights,
     read_checkpoint,
 )
-from deformable_detr.engine.predictor import setup_cfg
+from deformable_detr.data import DeformableDetrDatasetMapper
+from deformable_detr.engine import Trainer, setup_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
@@ -192,7 +193,7 @@ def test_eval_only_command_line_refuses_code_with_a_message(tmp_path):
 # -------------------------------------------------------- 2. atomic saves, verified resume
 KILL_MID_WRITE = r"""
 import os, signal, sys, torch
-from deformable_detr.engine import SafeDetectionCheckpointer
+from deformable_detr.checkpoint import SafeDetectionCheckpointer
 
 model = torch.nn.Linear(256, 256)
 ckpt = SafeDetectionCheckpointer(model, save_dir=sys.argv[1], save_to_disk=True)

@@ -3,7 +3,8 @@ initialised model, and a few training iterations of train_net.py on the shapes d
 import json
 import logging
 import os
-import sys
+import runpy
+import types
 
 import numpy as np
 import pytest
@@ -13,14 +14,21 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 import deformable_detr.modeling.slim_resnet  # noqa: F401  (registers the demo backbone)
+import deformable_detr.visualization.attention as visualize_attention
 from deformable_detr.data import generate_shapes_dataset, register_shapes_dataset
+from deformable_detr.engine import Predictor, setup_cfg
+from deformable_detr.engine.defaults import default_argument_parser, train_net_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-sys.path.insert(0, ROOT)
 
-import demo  # noqa: E402
-import visualize_attention  # noqa: E402
+
+def load_tool(name):
+    """A tool's functions, loaded from its file as ``python tools/<name>.py`` would."""
+    return types.SimpleNamespace(**runpy.run_path(os.path.join(ROOT, "tools", f"{name}.py")))
+
+
+demo = load_tool("demo")
+visualize_attention_tool = load_tool("visualize_attention")
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
 # The demo config shrunk for speed: narrower backbone, 32 channels, 1 + 2 layers.
@@ -43,7 +51,7 @@ def shapes_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A randomly initialised tiny demo model saved with DetectionCheckpointer."""
-    cfg = demo.setup_cfg(CONFIG, TINY)
+    cfg = setup_cfg(CONFIG, TINY)
     torch.manual_seed(0)
     model = build_model(cfg)
     out = tmp_path_factory.mktemp("weights")
@@ -117,7 +125,7 @@ def test_demo_folder_and_errors(shapes_root, weights, tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def predictor(weights):
-    return demo.Predictor(demo.setup_cfg(CONFIG, ["MODEL.WEIGHTS", weights, *TINY]))
+    return Predictor(setup_cfg(CONFIG, ["MODEL.WEIGHTS", weights, *TINY]))
 
 
 def test_attention_records(shapes_root, predictor):
@@ -155,15 +163,15 @@ def test_attention_records(shapes_root, predictor):
     for (_, _, _, (cx, cy, bw, bh)), box in zip(dets, inst.pred_boxes.tensor[:5].numpy()):
         np.testing.assert_allclose([(cx - bw / 2) * iw, (cy - bh / 2) * ih,
                                     (cx + bw / 2) * iw, (cy + bh / 2) * ih], box, atol=0.05)
-    # Recording is switched off again afterwards.
-    assert all(not m.record_sampling for m in predictor.model.modules()
-               if isinstance(m, visualize_attention.MSDeformAttn))
+    # Recording is switched off again afterwards: no hooks left on the model.
+    assert all(not m._forward_hooks and not m._forward_pre_hooks
+               for m in predictor.model.modules())
 
 
 def test_visualize_attention_writes_pictures(shapes_root, weights, tmp_path, caplog):
     val = shapes_root / "shapes" / "val"
     out = tmp_path / "att"
-    rc = _run(visualize_attention,
+    rc = _run(visualize_attention_tool,
               ["--config-file", CONFIG, "--input", str(val / "000001.png"), "--output", str(out),
                "--topk", "2", "--pixels", "10,20", "60,70", "--opts", "MODEL.WEIGHTS", weights,
                *TINY], caplog)
@@ -172,7 +180,7 @@ def test_visualize_attention_writes_pictures(shapes_root, weights, tmp_path, cap
     for name in os.listdir(out):
         with Image.open(out / name) as im:
             assert im.width > 800 and im.height > 250
-    rc = _run(visualize_attention,
+    rc = _run(visualize_attention_tool,
               ["--config-file", CONFIG, "--input", str(val / "000001.png"), "--output", str(out),
                "--queries", "99", "--opts", "MODEL.WEIGHTS", weights, *TINY], caplog)
     assert rc == 1 and "--queries must be in [0, 11]" in caplog.text
@@ -180,15 +188,13 @@ def test_visualize_attention_writes_pictures(shapes_root, weights, tmp_path, cap
 
 def test_train_net_on_shapes(shapes_root, tmp_path):
     """A few iterations through train_net.py's main(), then its COCO evaluation."""
-    import train_net
-
     register_shapes_dataset(str(shapes_root / "shapes"))
     out = tmp_path / "train"
-    args = train_net.default_argument_parser().parse_args(
+    args = default_argument_parser().parse_args(
         ["--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2",
          "SOLVER.WARMUP_ITERS", "0", "OUTPUT_DIR", str(out)]
     )
-    train_net.main(args)
+    train_net_main(args)
     assert os.path.isfile(out / "model_final.pth")
     with open(out / "metrics.json") as f:
         metrics = [json.loads(line) for line in f]
@@ -201,8 +207,7 @@ def test_train_net_on_shapes(shapes_root, tmp_path):
 
 
 def test_run_demo_end_to_end(shapes_root, tmp_path, monkeypatch, capsys):
-    import run_demo
-
+    run_demo = load_tool("run_demo")
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "ds"))
     out = tmp_path / "demo"
     rc = run_demo.main(["--output", str(out), "--num-train", "6", "--num-val", "3",

@@ -21,9 +21,9 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from deformable_detr import add_deformable_detr_config
-from deformable_detr.checkpoint import CheckpointError, load_torch_file
+from deformable_detr.checkpoint import CheckpointError, SafeDetectionCheckpointer, load_torch_file
 from deformable_detr.data import DeformableDetrDatasetMapper
-from deformable_detr.engine import SafeDetectionCheckpointer, Trainer
+from deformable_detr.engine import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/deformable_detr_R_50_50ep.yaml"

@@ -2,7 +2,8 @@
 torch.autograd.grad gives on the same model and image; its pictures and its bounds."""
 import logging
 import os
-import sys
+import runpy
+import types
 
 import numpy as np
 import pytest
@@ -13,13 +14,13 @@ from PIL import Image
 
 import deformable_detr.modeling.slim_resnet  # noqa: F401  (registers the demo backbone)
 from deformable_detr.data import DeformableDetrDatasetMapper, generate_shapes_dataset
-from deformable_detr.engine.predictor import setup_cfg
+from deformable_detr.engine import setup_cfg
 from deformable_detr.visualization import ELEMENTS, gradient_maps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import visualize_gradients  # noqa: E402
+# The tool's functions, loaded from its file as ``python tools/visualize_gradients.py`` would.
+visualize_gradients = types.SimpleNamespace(
+    **runpy.run_path(os.path.join(ROOT, "tools", "visualize_gradients.py")))
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
 TINY = [

@@ -3,7 +3,7 @@
 
 Examples::
 
-    python tools/demo.py --config-file configs/demo/shapes_deformable_detr.yaml \\
+    python tools/demo.py --config-file configs/demo/deformable_detr_shapes.yaml \\
         --input datasets/shapes/val --output output/demo/detections \\
         --opts MODEL.WEIGHTS output/demo/model_final.pth
 
@@ -18,57 +18,19 @@ unless ``--allow-random-weights`` is given. Images run in batches of ``--batch-s
 (``deformable_detr.engine.predictor.Predictor``): images of equal resized size together, so an
 image's detections do not depend on the others; ``--pad-batches`` pads different sizes into
 one batch (faster; the padding changes the padded images' detections slightly).
+
+The command line of ``deformable_detr.visualization.write_detection_pictures``.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import time
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
-from detectron2.data import detection_utils as utils
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import ColorMode, Visualizer
-from PIL import Image
 
-from deformable_detr.engine.predictor import (
-    Predictor,
-    for_each_batch,
-    output_path,
-    prepare,
-    setup_cfg,
-)
 from deformable_detr.utils.cli import float_in, int_in
-
-__all__ = ["Predictor", "default_scale", "draw_detections", "get_parser", "main", "setup_cfg"]
-
-logger = logging.getLogger("deformable_detr.demo")
-
-#: The longest side of a drawn picture, in pixels (bounds --scale).
-MAX_PICTURE_SIDE = 8192
-
-
-def draw_detections(image_rgb: np.ndarray, instances, metadata, threshold: float,
-                    scale: float):
-    """An RGB uint8 picture of the instances with score >= ``threshold``."""
-    keep = instances[instances.scores >= threshold]
-    vis = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
-    return vis.draw_instance_predictions(keep).get_image()
-
-
-def default_scale(image: np.ndarray) -> float:
-    # Small images (the shapes demo is ~150 px) are enlarged so that labels stay readable.
-    return max(1.0, 640.0 / max(image.shape[:2]))
-
-
-def check_picture_size(path: str, image: np.ndarray, scale: float) -> None:
-    """``ValueError`` when drawing ``image`` at ``scale`` exceeds :data:`MAX_PICTURE_SIDE`."""
-    side = max(image.shape[:2]) * scale
-    if side > MAX_PICTURE_SIDE:
-        raise ValueError(f"{path}: --scale {scale:g} would draw a {side:.0f} px picture, more "
-                         f"than {MAX_PICTURE_SIDE} px; lower --scale")
+from deformable_detr.visualization import write_detection_pictures
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -98,36 +60,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     setup_logger(name="deformable_detr")
     setup_logger(name="fvcore")
-    try:
-        cfg, images, predictor, metadata = prepare(
-            args.config_file, args.opts, args.input, args.output, args.allow_random_weights,
-            max_batch_size=args.batch_size, pad_batches=args.pad_batches)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        logger.error(str(e))
-        return 2
-    used: Dict[str, int] = {}
-    seconds_per_image = [0.0]
+    return write_detection_pictures(
+        args.config_file, args.opts, args.input, args.output,
+        confidence_threshold=args.confidence_threshold, scale=args.scale,
+        batch_size=args.batch_size, pad_batches=args.pad_batches,
+        allow_random_weights=args.allow_random_weights)
 
-    def predict(batch):
-        start = time.perf_counter()
-        results = predictor(batch)
-        seconds_per_image[0] = (time.perf_counter() - start) / len(batch)
-        return results
-
-    def check(path: str, image: np.ndarray) -> None:
-        check_picture_size(path, image, args.scale or default_scale(image))
-
-    def handle(path: str, image: np.ndarray, instances) -> None:
-        scale = args.scale or default_scale(image)
-        rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
-        picture = draw_detections(rgb, instances, metadata, args.confidence_threshold, scale)
-        out = output_path(args.output, path, used)
-        Image.fromarray(picture).save(out)
-        n = int((instances.scores >= args.confidence_threshold).sum())
-        logger.info(f"{path}: {n} detections >= {args.confidence_threshold} in "
-                    f"{seconds_per_image[0]:.2f} s -> {out}")
-
-    return for_each_batch(images, cfg.INPUT.FORMAT, args.batch_size, predict, handle, check)
 
 if __name__ == "__main__":
     sys.exit(main())

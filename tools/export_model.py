@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 from detectron2.utils.logger import setup_logger
 
-from deformable_detr.engine.predictor import setup_cfg
+from deformable_detr.engine import setup_cfg
 from deformable_detr.export import ATTENTION_MODES, DEFAULT_OPSET, FORMATS, export_from_config
 from deformable_detr.utils.cli import float_in, int_in
 

@@ -26,14 +26,12 @@ Without CUDA, ``train.device`` becomes cpu and ``--num-gpus N`` starts N CPU pro
 import logging
 import sys
 
-from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import deformable_detr  # noqa: F401  (registers the model)
+import deformable_detr.data  # noqa: F401  (registers the model and the shapes datasets)
 from deformable_detr.checkpoint import CheckpointError
-from deformable_detr.data import register_shapes_dataset
 from deformable_detr.engine import launch
 from deformable_detr.engine.lazy import do_train, evaluate, load_lazy_config
 
@@ -45,8 +43,6 @@ def main(args):
     default_setup(cfg, args)
     # The package's own messages (checkpoint fallbacks, dropped annotations) in the log too.
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="deformable_detr")
-    if "shapes_train" not in DatasetCatalog.list():
-        register_shapes_dataset()  # the demo's synthetic datasets, as train_net.py
     if args.eval_only:
         return evaluate(cfg, resume=args.resume, allow_random_weights=args.allow_random_weights)
     do_train(cfg, resume=args.resume)

@@ -6,16 +6,19 @@ Steps (all on the CPU, about 11 minutes on 2 cores):
 
 1. generate the synthetic dataset under ``$DETECTRON2_DATASETS/shapes`` (default
    ``./datasets/shapes``) unless it is already there;
-2. train ``configs/demo/deformable_detr_shapes.yaml`` with ``train_net.py`` (detectron2's
-   ``DefaultTrainer``: progress with ETA, metrics.json, TensorBoard events), then evaluate
-   on ``shapes_val`` with ``COCOEvaluator`` (AP table in the log);
-3. draw detections on val images (``tools/demo.py``), attention sampling points
-   (``tools/visualize_attention.py``) and, for the first val image's top detection, the
-   gradient norm of each prediction element w.r.t. the pixels (``tools/visualize_gradients.py``)
-   into ``OUTPUT/detections``, ``OUTPUT/attention`` and ``OUTPUT/gradients``.
+2. train ``configs/demo/deformable_detr_shapes.yaml`` as ``train_net.py`` does
+   (``deformable_detr.engine.defaults.train_net_main``: detectron2's ``DefaultTrainer``,
+   progress with ETA, metrics.json, TensorBoard events), then evaluate on ``shapes_val``
+   with ``COCOEvaluator`` (AP table in the log);
+3. draw detections on val images (as ``tools/demo.py``), attention sampling points (as
+   ``tools/visualize_attention.py``) and, for the first val image's top detection, the
+   gradient norm of each prediction element w.r.t. the pixels (as
+   ``tools/visualize_gradients.py``) into ``OUTPUT/detections``, ``OUTPUT/attention`` and
+   ``OUTPUT/gradients``, with the functions of :mod:`deformable_detr.visualization` those
+   tools run.
 
-Each command runs as its own process (as you would run it), except the gradient maps, which
-use the package's :mod:`deformable_detr.visualization` directly.
+Every step runs in this process: a process per step would import torch and detectron2 again
+(about 10 s each).
 
 Usage::
 
@@ -30,16 +33,23 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
-from deformable_detr.data import ensure_shapes_dataset, register_shapes_dataset
-from deformable_detr.data.shapes_dataset import default_shapes_root
-from deformable_detr.visualization import write_gradient_pictures
+from deformable_detr.data import (
+    default_shapes_root,
+    ensure_shapes_dataset,
+    register_shapes_dataset,
+)
+from deformable_detr.engine.defaults import default_argument_parser, train_net_main
+from deformable_detr.visualization import (
+    write_attention_pictures,
+    write_detection_pictures,
+    write_gradient_pictures,
+)
 
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TOOLS_DIR)
@@ -70,29 +80,23 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_command(script: str, args: Sequence[str], threads: int = 0) -> int:
-    """Run ``python <repo>/<script> args...`` (its output goes to this terminal); return its
-    exit status. ``threads`` > 0 sets its torch threads (OMP_NUM_THREADS)."""
-    env = dict(os.environ)
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = str(threads)
-    cmd: List[str] = [sys.executable, os.path.join(REPO_ROOT, script), *args]
-    logger.info("running: %s", " ".join(cmd[1:]))
-    return subprocess.run(cmd, env=env, cwd=os.getcwd()).returncode
-
-
-def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str],
-                       threads: int = 0) -> Dict:
-    """Run ``train_net.py`` (training, then the evaluation that detectron2's ``EvalHook``
-    runs at the end); return that evaluation's bbox metrics, read from the run's
-    ``metrics.json`` ({} if there was none or training failed)."""
+def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str]) -> Dict:
+    """Train as ``train_net.py --config-file config_file OUTPUT_DIR output_dir opts...`` does,
+    in this process (training, then the evaluation that detectron2's ``EvalHook`` runs at the
+    end); return that evaluation's bbox metrics, read from the run's ``metrics.json`` ({} if
+    there was none or training failed)."""
     metrics_file = os.path.join(output_dir, "metrics.json")
     # metrics.json is appended to by every run in the folder: read only this run's records.
     offset = os.path.getsize(metrics_file) if os.path.isfile(metrics_file) else 0
-    rc = run_command("train_net.py", ["--config-file", config_file, "OUTPUT_DIR", output_dir,
-                                      *opts], threads)
-    if rc != 0 or not os.path.isfile(metrics_file):
-        logger.error(f"train_net.py failed (exit status {rc})")
+    args = default_argument_parser().parse_args(
+        ["--config-file", config_file, "OUTPUT_DIR", output_dir, *opts])
+    try:
+        train_net_main(args)
+    except Exception:  # reported, and the demo exits with status 1, as a failed step
+        logger.exception("Training failed")
+        return {}
+    if not os.path.isfile(metrics_file):
+        logger.error(f"Training wrote no {metrics_file}")
         return {}
     bbox = {}
     with open(metrics_file) as f:
@@ -121,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     logger.info("2/3 training and evaluation (config %s)", args.config_file)
     t = time.perf_counter()
-    bbox = train_and_evaluate(args.config_file, args.output, args.opts, args.threads)
+    bbox = train_and_evaluate(args.config_file, args.output, args.opts)
     timings["train_eval_s"] = time.perf_counter() - t
     if not bbox:
         logger.error("No bbox evaluation results (is TEST.EVAL_PERIOD negative, or "
@@ -133,18 +137,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     weights = os.path.join(args.output, "model_final.pth")
     val_dir = os.path.join(root, "val")
     images = sorted(os.listdir(val_dir))[: max(args.num_pictures, 1)]
-    common = ["--config-file", args.config_file]
     opts = ["MODEL.WEIGHTS", weights, *args.opts]
-    rc = run_command("tools/demo.py", common + [
-        "--input", *[os.path.join(val_dir, f) for f in images],
-        "--output", os.path.join(args.output, "detections"), "--confidence-threshold", "0.5",
-        "--opts", *opts], args.threads)
+    rc = write_detection_pictures(args.config_file, opts,
+                                  [os.path.join(val_dir, f) for f in images],
+                                  os.path.join(args.output, "detections"),
+                                  confidence_threshold=0.5)
     attention_images = [os.path.join(val_dir, f) for f in images[: max(1, len(images) // 4)]]
-    rc |= run_command("tools/visualize_attention.py", common + [
-        "--input", *attention_images, "--output", os.path.join(args.output, "attention"),
-        "--opts", *opts], args.threads)
-    # The paper's Fig. 5 for the first val image's top detection (the model is small, so
-    # in this process: 5 backward passes).
+    rc |= write_attention_pictures(args.config_file, opts, attention_images,
+                                   os.path.join(args.output, "attention"))
+    # The paper's Fig. 5 for the first val image's top detection (5 backward passes).
     rc |= write_gradient_pictures(args.config_file, opts, [os.path.join(val_dir, images[0])],
                                   os.path.join(args.output, "gradients"), topk=1)
     timings["pictures_s"] = time.perf_counter() - t

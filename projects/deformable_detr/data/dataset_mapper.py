@@ -20,12 +20,33 @@ __all__ = [
     "DetrResizeShortestEdge",
     "box_problem",
     "build_detr_augmentation",
+    "read_image_checked",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Values of ``INPUT.INVALID_ANNOTATIONS``.
 INVALID_ANNOTATION_POLICIES = ("drop", "error")
+
+
+def read_image_checked(path: str, image_format: str) -> np.ndarray:
+    """detectron2's ``read_image`` with errors that name the file.
+
+    Returns:
+        [H, W, C] uint8 in ``image_format`` (EXIF orientation applied).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is truncated, corrupt or not an image.
+    """
+    try:
+        return utils.read_image(path, format=image_format)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"Image file not found: {path}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        # PIL reports truncated or corrupt files with OSError/SyntaxError/ValueError.
+        raise ValueError(f"Cannot read image file {path}: corrupt or not an image "
+                         f"({type(e).__name__}: {e})") from e
 
 
 def box_problem(bbox, bbox_mode, image_hw: Tuple[int, int]) -> Optional[str]:
@@ -203,19 +224,9 @@ class DeformableDetrDatasetMapper:
             "invalid_annotations": cfg.INPUT.INVALID_ANNOTATIONS,
         }
 
-    def _read_image(self, file_name: str) -> np.ndarray:
-        try:
-            return utils.read_image(file_name, format=self.image_format)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"Image file not found: {file_name}") from e
-        except (OSError, SyntaxError, ValueError) as e:
-            # PIL reports truncated or corrupt files with OSError/SyntaxError/ValueError.
-            raise ValueError(f"Cannot read image file {file_name}: corrupt or not an image "
-                             f"({type(e).__name__}: {e})") from e
-
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = self._read_image(dataset_dict["file_name"])
+        image = read_image_checked(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)
         image_hw = image.shape[:2]
 

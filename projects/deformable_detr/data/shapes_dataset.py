@@ -39,6 +39,7 @@ __all__ = [
     "generate_shapes_dataset",
     "ensure_shapes_dataset",
     "register_shapes_dataset",
+    "register_default_shapes_dataset",
     "default_shapes_root",
     "render_shapes_image",
 ]
@@ -360,24 +361,41 @@ def register_shapes_dataset(root: Optional[str] = None,
     catalogs as COCO instance datasets named ``shapes_train`` and ``shapes_val``.
 
     Registering again (e.g. with another root) replaces the earlier registration. The files
-    need not exist yet: they are read when the dataset is first used.
+    need not exist yet: they are read when the dataset is first used. Importing
+    ``deformable_detr.data`` registers the default names under the default root unless they
+    are registered already.
     """
+    root = root or default_shapes_root()
+    for name, split in zip(names, ("train", "val")):
+        _register_split(name, root, split)
+
+
+def register_default_shapes_dataset() -> None:
+    """Register ``shapes_train`` / ``shapes_val`` under ``default_shapes_root()``, each only
+    if no dataset of that name is registered yet (as detectron2 registers its built-in
+    datasets under ``$DETECTRON2_DATASETS`` on import)."""
+    from detectron2.data import DatasetCatalog
+
+    registered = set(DatasetCatalog.list())
+    for name, split in (("shapes_train", "train"), ("shapes_val", "val")):
+        if name not in registered:
+            _register_split(name, default_shapes_root(), split)
+
+
+def _register_split(name: str, root: str, split: str) -> None:
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    root = root or default_shapes_root()
-    for name, split in zip(names, ("train", "val")):
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        register_coco_instances(name, {}, _json_path(root, split), os.path.join(root, split))
-        # Known before the json is read, e.g. for drawing detections of a trained model.
-        MetadataCatalog.get(name).set(
-            thing_classes=[c["name"] for c in SHAPES_CATEGORIES],
-            thing_colors=[list(c["color"]) for c in SHAPES_CATEGORIES],
-            thing_dataset_id_to_contiguous_id={c["id"]: i
-                                               for i, c in enumerate(SHAPES_CATEGORIES)},
-        )
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, _json_path(root, split), os.path.join(root, split))
+    # Known before the json is read, e.g. for drawing detections of a trained model.
+    MetadataCatalog.get(name).set(
+        thing_classes=[c["name"] for c in SHAPES_CATEGORIES],
+        thing_colors=[list(c["color"]) for c in SHAPES_CATEGORIES],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(SHAPES_CATEGORIES)},
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

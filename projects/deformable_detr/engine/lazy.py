@@ -27,7 +27,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from .checkpointer import SafeDetectionCheckpointer, load_inference_weights
+from ..checkpoint.checkpointer import SafeDetectionCheckpointer, load_inference_weights
 
 __all__ = ["build_lazy_model", "do_test", "do_train", "lazy_class_names", "load_lazy_config"]
 

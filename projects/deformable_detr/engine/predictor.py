@@ -1,8 +1,8 @@
-"""Running a trained model on images: the batched predictors and what ``tools/demo.py`` and
-``tools/visualize_attention.py`` share (config, weights, image list, loops over images).
+"""Running a trained model on images: the batched predictors and what the drawing tools
+share (config, weights, image list, loops over images).
 
-The weights are loaded by :func:`.checkpointer.load_inference_weights`: no pickled code runs,
-and weights that leave the model partly random are refused.
+The weights are loaded by :func:`deformable_detr.checkpoint.load_inference_weights`: no
+pickled code runs, and weights that leave the model partly random are refused.
 
 :class:`Predictor` takes a list of images and returns a list of ``Instances``. By default an
 image's detections do not depend on the other images of the call: images of equal resized
@@ -13,7 +13,6 @@ exported ONNX model.
 """
 from __future__ import annotations
 
-import difflib
 import glob
 import logging
 import os
@@ -21,19 +20,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import detection_utils as utils
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.file_io import PathManager
 
-from ..checkpoint.safe_load import CheckpointError
-from ..config import add_deformable_detr_config
-from ..data import register_shapes_dataset
-from ..data.dataset_mapper import build_detr_augmentation
-from .checkpointer import class_head_options, load_inference_weights
+from ..checkpoint import CheckpointError, class_head_options, load_inference_weights
+from ..data import build_detr_augmentation, read_image_checked
+from .defaults import setup_cfg
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -46,63 +42,13 @@ __all__ = [
     "get_metadata",
     "list_images",
     "load_model",
-    "merge_opts",
     "output_path",
     "prepare",
-    "read_image",
-    "setup_cfg",
 ]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def setup_cfg(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
-    """detectron2 config with the Deformable DETR keys, ``config_file`` and ``opts`` merged;
-    ``MODEL.DEVICE`` falls back to the CPU when CUDA is not available.
-
-    Raises:
-        FileNotFoundError: no such config file.
-        ValueError: ``opts`` is not KEY VALUE pairs, names a key the config does not have
-            (with the closest keys as suggestions) or gives a value of the wrong type.
-    """
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"Config file not found: {config_file}")
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(config_file)
-    merge_opts(cfg, opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
-
-
-def _config_keys(cfg: CfgNode, prefix: str = "") -> List[str]:
-    keys = []
-    for k, v in cfg.items():
-        keys += (_config_keys(v, f"{prefix}{k}.") if isinstance(v, CfgNode)
-                 else [f"{prefix}{k}"])
-    return keys
-
-
-def merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
-    """``cfg.merge_from_list(opts)`` with errors that say what to fix (a ValueError)."""
-    opts = list(opts)
-    if len(opts) % 2:
-        raise ValueError(f"config options must be KEY VALUE pairs, got an odd number "
-                         f"({len(opts)}): {' '.join(map(str, opts))}")
-    keys = _config_keys(cfg)
-    for key in opts[0::2]:
-        if key not in keys:
-            close = difflib.get_close_matches(str(key), keys, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ValueError(f"unknown config key {key!r}{hint}")
-    try:
-        cfg.merge_from_list(opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ValueError(f"bad config option: {e}") from None
 
 
 def check_weights(weights: str) -> None:
@@ -146,17 +92,6 @@ def list_images(inputs: Sequence[str]) -> List[str]:
             raise FileNotFoundError(f"Input image not found: {item}")
         paths.extend(found)
     return paths
-
-
-def read_image(path: str, image_format: str) -> np.ndarray:
-    """[H, W, 3] uint8 in ``image_format``; ``ValueError`` naming the file if unreadable."""
-    try:
-        return utils.read_image(path, format=image_format)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"Image file not found: {path}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"Cannot read image {path}: corrupt or not an image "
-                         f"({type(e).__name__}: {e})") from e
 
 
 def output_path(output_dir: str, image_path: str, used: Dict[str, int], suffix: str = "") -> str:
@@ -222,7 +157,8 @@ class BatchPredictor:
             what = (f"a {image.dtype} array of shape {list(image.shape)}"
                     if isinstance(image, np.ndarray) else type(image).__name__)
             raise ValueError(f"an image must be an [H, W, 3] uint8 array in {self.image_format}"
-                             f" (e.g. from read_image(path, '{self.image_format}')), got {what}")
+                             f" (e.g. from read_image_checked(path, '{self.image_format}')), "
+                             f"got {what}")
         aug_input = T.AugInput(image)
         self.augmentations(aug_input)
         resized = aug_input.image
@@ -297,7 +233,7 @@ class Predictor(BatchPredictor):
 
 def load_model(cfg: CfgNode, *, allow_random_weights: bool = False) -> torch.nn.Module:
     """The model of ``cfg`` in eval mode with ``MODEL.WEIGHTS`` loaded by
-    :func:`.checkpointer.load_inference_weights` (errors as :class:`Predictor`)."""
+    :func:`deformable_detr.checkpoint.load_inference_weights` (errors as :class:`Predictor`)."""
     check_weights(cfg.MODEL.WEIGHTS)
     model = build_model(cfg).eval()
     try:
@@ -314,8 +250,8 @@ def load_model(cfg: CfgNode, *, allow_random_weights: bool = False) -> torch.nn.
 def prepare(config_file: str, opts: Sequence[str], inputs: Sequence[str], output: str,
             allow_random_weights: bool = False, *, max_batch_size: int = 8,
             pad_batches: bool = False):
-    """The set-up the drawing tools share: the config, the list of images, the model (and the
-    built-in dataset's class names, registered if missing) and its metadata; makes the output
+    """The set-up the drawing tools share: the config, the list of images, the model and
+    its metadata (class names and colours); makes the output
     folder. Everything that can be checked without the model is checked first. Raises
     FileNotFoundError, ValueError (CheckpointError included) or RuntimeError with a message
     for the user.
@@ -326,8 +262,6 @@ def prepare(config_file: str, opts: Sequence[str], inputs: Sequence[str], output
     cfg = setup_cfg(config_file, opts)
     check_output_dir(output)
     images = list_images(inputs)
-    if "shapes_val" not in DatasetCatalog.list():
-        register_shapes_dataset()  # names and colours of the built-in dataset's classes
     predictor = Predictor(cfg, allow_random_weights=allow_random_weights,
                           max_batch_size=max_batch_size, pad_batches=pad_batches)
     metadata = get_metadata(cfg)
@@ -343,7 +277,7 @@ def for_each_image(images: Sequence[str], image_format: str,
     failed = 0
     for path in images:
         try:
-            handle(path, read_image(path, image_format))
+            handle(path, read_image_checked(path, image_format))
         except (FileNotFoundError, ValueError) as e:
             logger.error(str(e))
             failed += 1
@@ -366,7 +300,7 @@ def for_each_batch(images: Sequence[str], image_format: str, batch_size: int,
         batch = []
         for path in images[start:start + batch_size]:
             try:
-                image = read_image(path, image_format)
+                image = read_image_checked(path, image_format)
                 if check is not None:
                     check(path, image)
                 batch.append((path, image))

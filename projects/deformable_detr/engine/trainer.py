@@ -13,11 +13,11 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint.checkpointer import SafeDetectionCheckpointer, class_head_options
 from ..compat import default_trainer_saves_state
 from ..data.dataset_mapper import DeformableDetrDatasetMapper
 from ..solver import build_optimizer
 from ..utils.build_info import detectron2_has_compiled_ops
-from .checkpointer import SafeDetectionCheckpointer, class_head_options
 from .checks import check_num_classes
 
 __all__ = ["Trainer"]

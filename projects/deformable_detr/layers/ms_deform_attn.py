@@ -58,11 +58,6 @@ class MSDeformAttn(nn.Module):
             "pytorch": frozenset(),
             "auto": frozenset(t for t in ("cpu", "cuda") if has_compiled_op(t)),
         }[attn_impl]
-        # When True, forward keeps its last sampling locations [N, Lq, M, L, P, 2], attention
-        # weights [N, Lq, M, L, P] and spatial shapes [L, 2] (detached) in
-        # ``self.last_sampling`` for visualisation and analysis.
-        self.record_sampling = False
-        self.last_sampling = None
         # When set, a function with ms_deform_attn's signature called instead of attn_impl:
         # export swaps in implementations its formats can express
         # (deformable_detr.export.use_attention). Not a parameter: never saved.
@@ -190,12 +185,6 @@ class MSDeformAttn(nn.Module):
                 reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
             )
-        if self.record_sampling:
-            self.last_sampling = {
-                "sampling_locations": sampling_locations.detach(),
-                "attention_weights": attention_weights.detach(),
-                "spatial_shapes": input_spatial_shapes.detach(),
-            }
         output = self._core(value)(
             value, input_spatial_shapes, input_level_start_index, sampling_locations,
             attention_weights, spatial_shapes_list=spatial_shapes_list,

@@ -1,4 +1,23 @@
-"""Pictures of what a trained model looks at (the paper's visualisation section)."""
+"""Pictures of what a trained model detects and looks at (the paper's visualisation
+section): detections, attention sampling points and gradient maps."""
+from .attention import (
+    MAX_ROWS,
+    AttentionRecord,
+    draw_attention,
+    encoder_query_index,
+    run_with_recording,
+    sampling_of,
+    top_detections,
+    visualize_image,
+    write_attention_pictures,
+)
+from .detections import (
+    MAX_PICTURE_SIDE,
+    check_picture_size,
+    default_scale,
+    draw_detections,
+    write_detection_pictures,
+)
 from .gradients import (
     ELEMENTS,
     MAX_DETECTIONS,
@@ -14,11 +33,25 @@ from .gradients import (
 __all__ = [
     "ELEMENTS",
     "MAX_DETECTIONS",
+    "MAX_PICTURE_SIDE",
+    "MAX_ROWS",
+    "AttentionRecord",
     "GradientMaps",
+    "check_picture_size",
+    "default_scale",
+    "draw_attention",
+    "draw_detections",
     "draw_gradient_maps",
+    "encoder_query_index",
     "gradient_maps",
     "image_gradient_maps",
+    "run_with_recording",
+    "sampling_of",
     "save_gradient_maps",
     "select_queries",
+    "top_detections",
+    "visualize_image",
+    "write_attention_pictures",
+    "write_detection_pictures",
     "write_gradient_pictures",
 ]

@@ -1,14 +1,14 @@
 """detectron2's checkpointer made safe to use on untrusted or damaged files.
 
-- Loading runs no code stored in a file (:mod:`..checkpoint.safe_load`), whatever torch's
+- Loading runs no code stored in a file (:mod:`.safe_load`), whatever torch's
   environment variables say.
-- Saving writes ``<file>.tmp`` and renames it into place (:mod:`..checkpoint.atomic_io`):
+- Saving writes ``<file>.tmp`` and renames it into place (:mod:`.atomic_io`):
   a kill mid-write leaves the previous checkpoint intact.
 - Resuming verifies the checkpoint it picks and falls back to the newest readable one.
 - :func:`load_inference_weights` refuses weights that leave the model partly random.
 - Saving records the training dataset's class names (``"thing_classes"``); loading weights
   of other classes rebuilds the class heads for the model's classes
-  (``MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT``, :mod:`..checkpoint.class_heads`).
+  (``MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT``, :mod:`.class_heads`).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from fvcore.common.checkpoint import _strip_prefix_if_present
 
-from ..checkpoint.atomic_io import atomic_torch_save, atomic_write_text
-from ..checkpoint.class_heads import (
+from .atomic_io import atomic_torch_save, atomic_write_text
+from .class_heads import (
     CLASS_HEAD_INITS,
     HOW_TO_NAME,
     ClassHeadReport,
@@ -36,7 +36,7 @@ from ..checkpoint.class_heads import (
     checkpoint_class_names,
     class_head_keys,
 )
-from ..checkpoint.safe_load import CheckpointError, load_pickle_weights, load_torch_file
+from .safe_load import CheckpointError, load_pickle_weights, load_torch_file
 
 __all__ = [
     "ALLOWED_MISSING",
@@ -170,7 +170,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     other classes (in number, or in names when both sides have names) rebuilds the heads
     for the model's classes first, as ``class_head_init`` says ("by_name": the rows of the
     classes named alike are copied, the others start from the prior; "reinit": all start
-    from the prior; see :mod:`..checkpoint.class_heads`), with one log line instead of a
+    from the prior; see :mod:`.class_heads`), with one log line instead of a
     warning per tensor.
 
     After each load, :attr:`unloaded` lists the model's state-dict entries the file did not
