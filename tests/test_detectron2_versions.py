@@ -100,7 +100,7 @@ def tiny_lazy_overrides(dataset, out_dir, max_iter=2):
         "train.device=cpu", f"train.output_dir={out_dir}", "train.init_checkpoint=",
         f"train.max_iter={max_iter}", "train.eval_period=0", "train.log_period=1",
         "train.checkpointer.period=1", f"lr_multiplier.milestones=[{max_iter - 1}]",
-        "model.transformer.d_model=32", "model.transformer.nhead=2",
+        "model.transformer.d_model=32", "model.transformer.n_heads=2",
         "model.transformer.num_encoder_layers=1", "model.transformer.num_decoder_layers=2",
         "model.transformer.dim_feedforward=64", "model.num_queries=10", "model.num_classes=2",
         f"dataloader.train.dataset.names={dataset}", f"dataloader.test.dataset.names={dataset}",
@@ -221,7 +221,7 @@ def test_backbone_padding_reads_padding_constraints():
 
 
 def tiny_model(backbone, in_features, hidden_dim=32, num_classes=3):
-    transformer = DeformableTransformer(d_model=hidden_dim, nhead=2, num_encoder_layers=1,
+    transformer = DeformableTransformer(d_model=hidden_dim, n_heads=2, num_encoder_layers=1,
                                         num_decoder_layers=2, dim_feedforward=64,
                                         num_feature_levels=len(in_features) + 1,
                                         two_stage_num_proposals=10)
