@@ -8,7 +8,7 @@ from detectron2.layers import ShapeSpec
 
 from .layers.ms_deform_attn import check_attention_arguments
 from .modeling.deformable_transformer import check_transformer_arguments
-from .modeling.heads import check_num_classes
+from .modeling.heads import check_class_count
 from .modeling.multiscale_adapter import check_adapter_arguments
 
 __all__ = ["add_deformable_detr_config", "validate_config"]
@@ -95,7 +95,7 @@ def validate_config(cfg: CN, backbone_shape: Mapping[str, ShapeSpec] | None = No
                  "DIM_FEEDFORWARD", "ENC_N_POINTS", "DEC_N_POINTS", "NUM_FEATURE_LEVELS"):
         if int(c[name]) < 1:
             raise ValueError(f"{key}{name} must be at least 1, got {c[name]}")
-    check_num_classes(c.NUM_CLASSES, f"{key}NUM_CLASSES")
+    check_class_count(c.NUM_CLASSES, f"{key}NUM_CLASSES")
     check_attention_arguments(c.HIDDEN_DIM, c.NHEADS, c.ATTN_IMPL, names={
         "d_model": f"{key}HIDDEN_DIM", "n_heads": f"{key}NHEADS", "attn_impl": f"{key}ATTN_IMPL",
     })

@@ -92,7 +92,6 @@ class DeformableTransformer(nn.Module):
         super().__init__()
         check_transformer_arguments(d_model, with_box_refine, two_stage)
         self.d_model = d_model
-        self.n_heads = n_heads
         self.num_feature_levels = num_feature_levels
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage

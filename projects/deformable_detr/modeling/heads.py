@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "build_prediction_heads", "check_num_classes"]
+__all__ = ["MLP", "build_prediction_heads", "check_class_count"]
 
 
 class MLP(nn.Module):
@@ -27,7 +27,7 @@ class MLP(nn.Module):
         return x
 
 
-def check_num_classes(num_classes: int, name: str = "num_classes") -> None:
+def check_class_count(num_classes: int, name: str = "num_classes") -> None:
     """Raise a ValueError unless there is at least one class; ``name`` is what the message
     calls the number (e.g. the config key it comes from)."""
     if num_classes < 1:
@@ -51,7 +51,7 @@ def build_prediction_heads(hidden_dim: int, num_classes: int, num_decoder_layers
     Returns:
         (class_embed, bbox_embed), ModuleLists of ``num_decoder_layers (+1 for two-stage)``.
     """
-    check_num_classes(num_classes)
+    check_class_count(num_classes)
     class_embed = nn.Linear(hidden_dim, num_classes)
     bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
     # Focal-loss prior: every class starts at probability prior_prob.

@@ -99,14 +99,13 @@ class DeformableDETR(nn.Module):
         self.backbone_channels_last = backbone_channels_last
         if backbone_channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self.with_box_refine = transformer.with_box_refine
         self.two_stage = transformer.two_stage
 
         hidden_dim = transformer.d_model
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.class_embed, self.bbox_embed = build_prediction_heads(
             hidden_dim, num_classes, transformer.decoder.num_layers,
-            with_box_refine=self.with_box_refine, two_stage=self.two_stage,
+            with_box_refine=transformer.with_box_refine, two_stage=self.two_stage,
         )
         if not self.two_stage:
             # query_pos in the first half, tgt in the second.
@@ -279,8 +278,8 @@ class DeformableDETR(nn.Module):
             "pred_logits": outputs_classes[-1],
             "pred_boxes": outputs_coords[-1],
             "aux_outputs": [
-                {"pred_logits": a, "pred_boxes": b}
-                for a, b in zip(outputs_classes[:-1], outputs_coords[:-1])
+                {"pred_logits": logits, "pred_boxes": boxes}
+                for logits, boxes in zip(outputs_classes[:-1], outputs_coords[:-1])
             ],
         }
         if self.two_stage:
