@@ -173,7 +173,7 @@ class DeformableTransformer(nn.Module):
                 memory, levels, class_embed, bbox_embed)
             out.update(enc_outputs)
         else:
-            query_pos, tgt, reference_points = self._learned_queries(query_embed, len(memory))
+            query_pos, tgt, reference_points = self._learned_queries(query_embed, memory.shape[0])
         decoder_states, inter_references = self.decoder(
             tgt, reference_points, memory, levels.spatial_shapes, levels.level_start_index,
             levels.valid_ratios, query_pos, levels.mask,
