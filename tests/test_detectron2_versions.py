@@ -101,7 +101,7 @@ def tiny_lazy_overrides(dataset, out_dir, max_iter=2):
         f"train.max_iter={max_iter}", "train.eval_period=0", "train.log_period=1",
         "train.checkpointer.period=1", f"lr_multiplier.milestones=[{max_iter - 1}]",
         f"model.transformer.d_model={TINY_T['HIDDEN_DIM']}",
-        f"model.transformer.nhead={TINY_T['NHEADS']}",
+        f"model.transformer.n_heads={TINY_T['NHEADS']}",
         f"model.transformer.num_encoder_layers={TINY_T['ENC_LAYERS']}",
         f"model.transformer.num_decoder_layers={TINY_T['DEC_LAYERS']}",
         f"model.transformer.dim_feedforward={TINY_T['DIM_FEEDFORWARD']}",
@@ -226,7 +226,7 @@ def test_backbone_padding_reads_padding_constraints():
 def tiny_model(backbone, in_features, num_classes=3):
     """The tiny model's transformer (conftest.TINY_TRANSFORMER) on ``backbone``."""
     transformer = DeformableTransformer(
-        d_model=TINY_T["HIDDEN_DIM"], nhead=TINY_T["NHEADS"],
+        d_model=TINY_T["HIDDEN_DIM"], n_heads=TINY_T["NHEADS"],
         num_encoder_layers=TINY_T["ENC_LAYERS"], num_decoder_layers=TINY_T["DEC_LAYERS"],
         dim_feedforward=TINY_T["DIM_FEEDFORWARD"],
         num_feature_levels=len(in_features) + 1, two_stage_num_proposals=TINY_T["NUM_QUERIES"])

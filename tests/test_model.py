@@ -1,4 +1,5 @@
 """The DeformableDETR meta-architecture and its parts, on tiny configs (CPU)."""
+import importlib
 import math
 
 import numpy as np
@@ -22,7 +23,9 @@ from deformable_detr.modeling import (
     gen_encoder_output_proposals,
     get_valid_ratio,
 )
-from deformable_detr.modeling import meta_arch as meta_arch_module
+
+# The submodule, not the op function of the same name that deformable_detr.layers exports.
+ms_deform_attn_module = importlib.import_module("deformable_detr.layers.ms_deform_attn")
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 
@@ -299,7 +302,7 @@ def test_keyword_construction_equals_config_construction():
     kwargs = dict(
         backbone=backbone,
         adapter=MultiScaleAdapter(backbone.output_shape(), ["res3", "res4", "res5"], 32, 4),
-        transformer=DeformableTransformer(d_model=32, nhead=4, num_encoder_layers=1,
+        transformer=DeformableTransformer(d_model=32, n_heads=4, num_encoder_layers=1,
                                           num_decoder_layers=2, dim_feedforward=64,
                                           num_feature_levels=4),
         criterion=SetCriterion(5, HungarianMatcher()),
@@ -466,7 +469,7 @@ def test_config_errors(overrides, match):
 
 
 def test_compiled_attention_unavailable_error(monkeypatch):
-    monkeypatch.setattr(meta_arch_module, "has_compiled_op", lambda device=None: False)
+    monkeypatch.setattr(ms_deform_attn_module, "has_compiled_op", lambda device=None: False)
     with pytest.raises(ValueError, match=r"ATTN_IMPL='compiled' but the deformable_detr._C"):
         build_model(make_tiny_cfg(ATTN_IMPL="compiled"))
 

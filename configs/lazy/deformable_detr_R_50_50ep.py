@@ -48,7 +48,7 @@ model = L(build_deformable_detr)(
     adapter=dict(in_features=["res3", "res4", "res5"]),
     transformer=L(DeformableTransformer)(
         d_model=256,
-        nhead=8,
+        n_heads=8,
         num_encoder_layers=6,
         num_decoder_layers=6,
         dim_feedforward=1024,

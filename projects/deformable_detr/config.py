@@ -1,7 +1,17 @@
-"""Config keys of Deformable DETR, added to a detectron2 (yacs) config."""
-from detectron2.config import CfgNode as CN
+"""Config keys of Deformable DETR, added to a detectron2 (yacs) config, and their checks."""
+from __future__ import annotations
 
-__all__ = ["add_deformable_detr_config"]
+from collections.abc import Mapping
+
+from detectron2.config import CfgNode as CN
+from detectron2.layers import ShapeSpec
+
+from .layers.ms_deform_attn import check_attention_arguments
+from .modeling.deformable_transformer import check_transformer_arguments
+from .modeling.heads import check_class_count
+from .modeling.multiscale_adapter import check_adapter_arguments
+
+__all__ = ["add_deformable_detr_config", "validate_config"]
 
 
 def add_deformable_detr_config(cfg: CN) -> CN:
@@ -66,3 +76,36 @@ def add_deformable_detr_config(cfg: CN) -> CN:
     # "drop" reports them once per image with the image id and drops them, "error" stops.
     cfg.INPUT.INVALID_ANNOTATIONS = "drop"
     return cfg
+
+
+def validate_config(cfg: CN, backbone_shape: Mapping[str, ShapeSpec] | None = None) -> None:
+    """Raise a ValueError naming the key of the first ``MODEL.DEFORMABLE_DETR`` value the
+    model cannot be built with.
+
+    The modules' checks of their own arguments run here under the keys' names, so that the
+    error names what the user wrote.
+
+    Args:
+        backbone_shape: the backbone's ``output_shape()``; without it ``IN_FEATURES`` is not
+            checked against the backbone's outputs.
+    """
+    c = cfg.MODEL.DEFORMABLE_DETR
+    key = "MODEL.DEFORMABLE_DETR."
+    for name in ("NUM_QUERIES", "HIDDEN_DIM", "NHEADS", "ENC_LAYERS", "DEC_LAYERS",
+                 "DIM_FEEDFORWARD", "ENC_N_POINTS", "DEC_N_POINTS", "NUM_FEATURE_LEVELS"):
+        if int(c[name]) < 1:
+            raise ValueError(f"{key}{name} must be at least 1, got {c[name]}")
+    check_class_count(c.NUM_CLASSES, f"{key}NUM_CLASSES")
+    check_attention_arguments(c.HIDDEN_DIM, c.NHEADS, c.ATTN_IMPL, names={
+        "d_model": f"{key}HIDDEN_DIM", "n_heads": f"{key}NHEADS", "attn_impl": f"{key}ATTN_IMPL",
+    })
+    check_transformer_arguments(c.HIDDEN_DIM, c.WITH_BOX_REFINE, c.TWO_STAGE, names={
+        "d_model": f"{key}HIDDEN_DIM", "with_box_refine": f"{key}WITH_BOX_REFINE",
+        "two_stage": f"{key}TWO_STAGE",
+    })
+    check_adapter_arguments(
+        c.IN_FEATURES, c.HIDDEN_DIM, c.NUM_FEATURE_LEVELS, backbone_shape,
+        names={"in_features": f"{key}IN_FEATURES", "hidden_dim": f"{key}HIDDEN_DIM",
+               "num_levels": f"{key}NUM_FEATURE_LEVELS"},
+        backbone_name=cfg.MODEL.BACKBONE.NAME,
+    )

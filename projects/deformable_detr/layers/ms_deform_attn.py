@@ -11,7 +11,7 @@ from torch.nn.init import constant_, xavier_uniform_
 
 from .ms_deform_attn_op import has_compiled_op, ms_deform_attn, ms_deform_attn_pytorch
 
-__all__ = ["MSDeformAttn", "ATTN_IMPLS"]
+__all__ = ["MSDeformAttn", "ATTN_IMPLS", "check_attention_arguments"]
 
 #: Values of ``attn_impl`` (``MODEL.DEFORMABLE_DETR.ATTN_IMPL``).
 ATTN_IMPLS = ("auto", "compiled", "pytorch")
@@ -37,15 +37,7 @@ class MSDeformAttn(nn.Module):
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8,
                  n_points: int = 4, attn_impl: str = "auto"):
         super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
-        if attn_impl == "compiled" and not has_compiled_op():
-            raise RuntimeError(
-                "attn_impl='compiled' but the deformable_detr._C extension is not available; "
-                "build it with `pip install -e .` or use attn_impl='auto'/'pytorch'"
-            )
+        check_attention_arguments(d_model, n_heads, attn_impl)
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -190,3 +182,28 @@ class MSDeformAttn(nn.Module):
             attention_weights, spatial_shapes_list=spatial_shapes_list,
         )
         return self.output_proj(output)
+
+
+def check_attention_arguments(d_model: int, n_heads: int, attn_impl: str, *,
+                              names: dict[str, str] | None = None) -> None:
+    """Raise a ValueError unless :class:`MSDeformAttn` can be built with these: ``d_model``
+    divisible by ``n_heads``, ``attn_impl`` one of :data:`ATTN_IMPLS`, and "compiled" only
+    where the extension is built.
+
+    Args:
+        names: what the messages call the arguments (e.g. the config keys they come from);
+            by default their own names.
+    """
+    names = {"d_model": "d_model", "n_heads": "n_heads", "attn_impl": "attn_impl",
+             **(names or {})}
+    if d_model % n_heads != 0:
+        raise ValueError(f"{names['d_model']} ({d_model}) must be divisible by "
+                         f"{names['n_heads']} ({n_heads})")
+    impl = names["attn_impl"]
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"{impl} must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+    if attn_impl == "compiled" and not has_compiled_op():
+        raise ValueError(
+            f"{impl}='compiled' but the deformable_detr._C extension is not available: "
+            f"build it (`pip install -e .`) or set {impl} to 'auto'/'pytorch'"
+        )

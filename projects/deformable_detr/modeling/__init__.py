@@ -8,6 +8,7 @@ from .box_ops import (
     generalized_box_iou,
     inverse_sigmoid,
     paired_generalized_box_iou,
+    refine_boxes,
 )
 from .criterion import SetCriterion, sigmoid_focal_loss
 from .deformable_decoder import DeformableTransformerDecoder, DeformableTransformerDecoderLayer
@@ -16,13 +17,14 @@ from .deformable_encoder import (
     DeformableTransformerEncoderLayer,
     encoder_reference_points,
 )
-from .deformable_transformer import DeformableTransformer, get_valid_ratio
+from .deformable_transformer import DeformableTransformer
+from .grids import get_valid_ratio
 from .heads import MLP, build_prediction_heads
 from .lazy import build_deformable_detr
 from .matcher import HungarianMatcher
 from .meta_arch import DeformableDETR
 from .multiscale_adapter import MultiScaleAdapter
-from .position_encoding import PositionEmbeddingSine
+from .position_encoding import PositionEmbeddingSine, sine_embedding
 from .postprocess import topk_detections
 from .slim_resnet import build_slim_resnet_backbone
 from .two_stage import gen_encoder_output_proposals, proposal_pos_embed
@@ -52,6 +54,8 @@ __all__ = [
     "inverse_sigmoid",
     "paired_generalized_box_iou",
     "proposal_pos_embed",
+    "refine_boxes",
     "sigmoid_focal_loss",
+    "sine_embedding",
     "topk_detections",
 ]

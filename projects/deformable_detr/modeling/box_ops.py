@@ -1,4 +1,4 @@
-"""Box conversions, generalized IoU and the clamped inverse sigmoid.
+"""Box conversions, generalized IoU, the clamped inverse sigmoid and the box refinement step.
 
 Boxes are ``(cx, cy, w, h)`` ("cxcywh") or ``(x0, y0, x1, y1)`` ("xyxy") in the last
 dimension; the functions work in any coordinates (normalised or pixels).
@@ -15,6 +15,7 @@ __all__ = [
     "generalized_box_iou",
     "inverse_sigmoid",
     "paired_generalized_box_iou",
+    "refine_boxes",
     "upcast",
 ]
 
@@ -109,6 +110,24 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     x1 = x.clamp(min=eps)
     x2 = (1 - x).clamp(min=eps)
     return torch.log(x1 / x2)
+
+
+def refine_boxes(delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A box head's prediction around a reference: ``sigmoid(delta + inverse_sigmoid(ref))``.
+
+    A point reference gives the centre only; the size comes from the head alone.
+
+    Args:
+        delta: [..., 4] box head output (cx, cy, w, h) in logit space.
+        reference: [..., 4] boxes (cx, cy, w, h) or [..., 2] points (x, y), in [0, 1].
+
+    Returns:
+        [..., 4] boxes (cx, cy, w, h) in [0, 1], float32 for half-precision ``reference``.
+    """
+    reference = inverse_sigmoid(reference)
+    if reference.shape[-1] == 4:
+        return (delta + reference).sigmoid()
+    return torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1).sigmoid()
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:

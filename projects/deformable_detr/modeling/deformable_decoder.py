@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Dropout, MSDeformAttn
-from .box_ops import inverse_sigmoid
+from .box_ops import refine_boxes
 
 __all__ = ["DeformableTransformerDecoder", "DeformableTransformerDecoderLayer"]
 
@@ -97,35 +97,24 @@ class DeformableTransformerDecoder(nn.Module):
                 the PyTorch attention path reads the shapes tensor on the host).
 
         Returns:
-            hs: [num_layers, N, Q, C] every layer's output.
+            states: [num_layers, N, Q, C] every layer's output.
             references: [num_layers, N, Q, 2 or 4] the reference after each layer (the input
                 reference unchanged without refinement; boxes after refinement).
         """
         if bbox_embed is not None and len(bbox_embed) < self.num_layers:
             raise ValueError(f"bbox_embed needs {self.num_layers} heads, got {len(bbox_embed)}")
+        # Each level's reference is the query's reference in that level's padded coordinates.
+        ratios = src_valid_ratios[:, None]
+        box_ratios = torch.cat([ratios, ratios], -1)
         output = tgt
-        intermediate = []
-        intermediate_reference_points = []
+        states, references = [], []
         for lid, layer in enumerate(self.layers):
-            if reference_points.shape[-1] == 4:
-                reference_points_input = reference_points[:, :, None] * torch.cat(
-                    [src_valid_ratios, src_valid_ratios], -1)[:, None]
-            else:
-                reference_points_input = reference_points[:, :, None] * src_valid_ratios[:, None]
-            output = layer(output, query_pos, reference_points_input, src, src_spatial_shapes,
-                           src_level_start_index, src_padding_mask,
+            scale = box_ratios if reference_points.shape[-1] == 4 else ratios
+            output = layer(output, query_pos, reference_points[:, :, None] * scale, src,
+                           src_spatial_shapes, src_level_start_index, src_padding_mask,
                            spatial_shapes_list=spatial_shapes_list)
-
             if bbox_embed is not None:
-                tmp = bbox_embed[lid](output)
-                if reference_points.shape[-1] == 4:
-                    new_reference_points = tmp + inverse_sigmoid(reference_points)
-                else:
-                    # A point reference refines the centre; the size comes from the head.
-                    new_reference_points = torch.cat(
-                        [tmp[..., :2] + inverse_sigmoid(reference_points), tmp[..., 2:]], -1)
-                reference_points = new_reference_points.sigmoid().detach()
-
-            intermediate.append(output)
-            intermediate_reference_points.append(reference_points)
-        return torch.stack(intermediate), torch.stack(intermediate_reference_points)
+                reference_points = refine_boxes(bbox_embed[lid](output), reference_points).detach()
+            states.append(output)
+            references.append(reference_points)
+        return torch.stack(states), torch.stack(references)

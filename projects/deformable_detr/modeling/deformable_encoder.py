@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Dropout, MSDeformAttn
+from .grids import pixel_centres
 
 __all__ = [
     "DeformableTransformerEncoder",
@@ -78,23 +79,16 @@ def encoder_reference_points(spatial_shapes, valid_ratios: torch.Tensor) -> torc
     Returns:
         float32 [N, S, L, 2] (x, y).
     """
-    device = valid_ratios.device
     if isinstance(spatial_shapes, torch.Tensor):
         spatial_shapes = spatial_shapes.tolist()
-    reference_points_list = []
+    reference_points = []
     for lvl, (h, w) in enumerate(spatial_shapes):
-        # arange + 0.5 equals linspace(0.5, h - 0.5, h) bit for bit, and keeps a symbolic h
-        # symbolic under torch.export (linspace specialises it).
-        ref_y, ref_x = torch.meshgrid(
-            torch.arange(h, dtype=torch.float32, device=device) + 0.5,
-            torch.arange(w, dtype=torch.float32, device=device) + 0.5,
-            indexing="ij",
-        )
+        ref_y, ref_x = pixel_centres(h, w, valid_ratios.device)
         # valid_ratio * size (not the integer valid count) as the published model.
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
-        reference_points_list.append(torch.stack((ref_x, ref_y), -1))
-    reference_points = torch.cat(reference_points_list, 1)
+        reference_points.append(torch.stack((ref_x, ref_y), -1))
+    reference_points = torch.cat(reference_points, 1)
     return reference_points[:, :, None] * valid_ratios[:, None]
 
 

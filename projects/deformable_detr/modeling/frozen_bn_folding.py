@@ -6,7 +6,7 @@ frozen norm is an affine map per output channel, so it can be applied to the con
 weights instead: ``conv(x, w * scale) + (bias - mean * scale)``. That is the same function
 (to float32 rounding) with one pass less over every feature map, forward and backward, and no
 stored norm input in training. The weights, buffers and state-dict keys stay as they are: the
-folded weight is computed from them at every call (a few milliseconds for a ResNet-50), so
+folded weight is computed from them at every call (one pass over the weights), so
 loading a checkpoint, fine-tuning the convolution or exporting the model needs no step.
 """
 from __future__ import annotations

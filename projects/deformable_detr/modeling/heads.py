@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "build_prediction_heads"]
+__all__ = ["MLP", "build_prediction_heads", "check_class_count"]
 
 
 class MLP(nn.Module):
@@ -27,6 +27,13 @@ class MLP(nn.Module):
         return x
 
 
+def check_class_count(num_classes: int, name: str = "num_classes") -> None:
+    """Raise a ValueError unless there is at least one class; ``name`` is what the message
+    calls the number (e.g. the config key it comes from)."""
+    if num_classes < 1:
+        raise ValueError(f"{name} must be at least 1, got {num_classes}")
+
+
 def build_prediction_heads(hidden_dim: int, num_classes: int, num_decoder_layers: int, *,
                            with_box_refine: bool, two_stage: bool,
                            prior_prob: float = 0.01) -> tuple[nn.ModuleList, nn.ModuleList]:
@@ -44,6 +51,7 @@ def build_prediction_heads(hidden_dim: int, num_classes: int, num_decoder_layers
     Returns:
         (class_embed, bbox_embed), ModuleLists of ``num_decoder_layers (+1 for two-stage)``.
     """
+    check_class_count(num_classes)
     class_embed = nn.Linear(hidden_dim, num_classes)
     bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
     # Focal-loss prior: every class starts at probability prior_prob.

@@ -79,15 +79,16 @@ class HungarianMatcher(nn.Module):
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox),
                                          box_cxcywh_to_xyxy(tgt_bbox))
 
-        C = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        C = C.view(len(layer_outputs), bs, num_queries, -1).float().cpu()
-        if not torch.isfinite(C).all():
+        cost = (self.cost_bbox * cost_bbox + self.cost_class * cost_class
+                + self.cost_giou * cost_giou)
+        cost = cost.view(len(layer_outputs), bs, num_queries, -1).float().cpu()
+        if not torch.isfinite(cost).all():
             raise FloatingPointError(
                 "the matching cost has NaN/inf entries: predictions or targets are not finite"
             )
         return [
-            [_assignment(c[i]) for i, c in enumerate(layer_cost.split(sizes, -1))]
-            for layer_cost in C
+            [_assignment(image_cost[i]) for i, image_cost in enumerate(layer_cost.split(sizes, -1))]
+            for layer_cost in cost
         ]
 
 

@@ -10,8 +10,8 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 from torch import nn
 
-from ..layers import ATTN_IMPLS, has_compiled_op
-from .box_ops import box_xyxy_to_cxcywh, inverse_sigmoid
+from ..config import validate_config
+from .box_ops import box_xyxy_to_cxcywh, refine_boxes
 from .criterion import SetCriterion
 from .deformable_transformer import DeformableTransformer
 from .frozen_bn_folding import fold_frozen_batchnorm
@@ -79,8 +79,6 @@ class DeformableDETR(nn.Module):
         if adapter.hidden_dim != transformer.d_model:
             raise ValueError(f"adapter has {adapter.hidden_dim} channels, transformer "
                              f"{transformer.d_model}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if criterion.num_classes != num_classes:
             raise ValueError(f"criterion has {criterion.num_classes} classes, the model "
                              f"{num_classes}")
@@ -101,14 +99,13 @@ class DeformableDETR(nn.Module):
         self.backbone_channels_last = backbone_channels_last
         if backbone_channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self.with_box_refine = transformer.with_box_refine
         self.two_stage = transformer.two_stage
 
         hidden_dim = transformer.d_model
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.class_embed, self.bbox_embed = build_prediction_heads(
             hidden_dim, num_classes, transformer.decoder.num_layers,
-            with_box_refine=self.with_box_refine, two_stage=self.two_stage,
+            with_box_refine=transformer.with_box_refine, two_stage=self.two_stage,
         )
         if not self.two_stage:
             # query_pos in the first half, tgt in the second.
@@ -123,47 +120,13 @@ class DeformableDETR(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.DEFORMABLE_DETR
-        key = "MODEL.DEFORMABLE_DETR."
-        if c.ATTN_IMPL not in ATTN_IMPLS:
-            raise ValueError(f"{key}ATTN_IMPL must be one of {ATTN_IMPLS}, got {c.ATTN_IMPL!r}")
-        if c.ATTN_IMPL == "compiled" and not has_compiled_op():
-            raise ValueError(
-                f"{key}ATTN_IMPL='compiled' but the deformable_detr._C extension is not "
-                "available: build it (`pip install -e .`) or set ATTN_IMPL to 'auto'/'pytorch'"
-            )
-        if c.TWO_STAGE and not c.WITH_BOX_REFINE:
-            raise ValueError(f"{key}TWO_STAGE=True requires {key}WITH_BOX_REFINE=True (the "
-                             "published two-stage model refines boxes)")
-        for name in ("NUM_CLASSES", "NUM_QUERIES", "HIDDEN_DIM", "NHEADS", "ENC_LAYERS",
-                     "DEC_LAYERS", "DIM_FEEDFORWARD", "ENC_N_POINTS", "DEC_N_POINTS",
-                     "NUM_FEATURE_LEVELS"):
-            if int(c[name]) < 1:
-                raise ValueError(f"{key}{name} must be at least 1, got {c[name]}")
-        if c.HIDDEN_DIM % 32 != 0:
-            raise ValueError(f"{key}HIDDEN_DIM must be a multiple of 32 (GroupNorm(32) in the "
-                             f"input projection), got {c.HIDDEN_DIM}")
-        if c.HIDDEN_DIM % c.NHEADS != 0:
-            raise ValueError(f"{key}HIDDEN_DIM ({c.HIDDEN_DIM}) must be divisible by "
-                             f"{key}NHEADS ({c.NHEADS})")
-
         backbone = build_backbone(cfg)
         input_shape = backbone.output_shape()
-        in_features = list(c.IN_FEATURES)
-        unknown = [f for f in in_features if f not in input_shape]
-        if not in_features or unknown:
-            raise ValueError(
-                f"{key}IN_FEATURES {in_features} must name outputs of the backbone "
-                f"({cfg.MODEL.BACKBONE.NAME}), which offers {sorted(input_shape.keys())}"
-            )
-        if c.NUM_FEATURE_LEVELS < len(in_features):
-            raise ValueError(
-                f"{key}NUM_FEATURE_LEVELS ({c.NUM_FEATURE_LEVELS}) must be at least the "
-                f"number of {key}IN_FEATURES ({len(in_features)}: {in_features})"
-            )
-        adapter = MultiScaleAdapter(input_shape, in_features, c.HIDDEN_DIM, c.NUM_FEATURE_LEVELS)
+        validate_config(cfg, input_shape)
+        adapter = MultiScaleAdapter(input_shape, c.IN_FEATURES, c.HIDDEN_DIM, c.NUM_FEATURE_LEVELS)
         transformer = DeformableTransformer(
             d_model=c.HIDDEN_DIM,
-            nhead=c.NHEADS,
+            n_heads=c.NHEADS,
             num_encoder_layers=c.ENC_LAYERS,
             num_decoder_layers=c.DEC_LAYERS,
             dim_feedforward=c.DIM_FEEDFORWARD,
@@ -303,27 +266,20 @@ class DeformableDETR(nn.Module):
             query_embed=None if self.two_stage else self.query_embed.weight,
             class_embed=self.class_embed, bbox_embed=self.bbox_embed,
         )
-        hs, init_reference, inter_references = (
-            out["hs"], out["init_reference"], out["inter_references"])
-
+        decoder_states = out["decoder_states"]
+        # The reference each layer's boxes refine: the initial one, then each layer's output.
+        references = [out["init_reference"], *out["inter_references"][:-1]]
         outputs_classes, outputs_coords = [], []
-        for lvl in range(hs.shape[0]):
-            reference = init_reference if lvl == 0 else inter_references[lvl - 1]
-            reference = inverse_sigmoid(reference)
-            outputs_classes.append(self.class_embed[lvl](hs[lvl]))
-            tmp = self.bbox_embed[lvl](hs[lvl])
-            if reference.shape[-1] == 4:
-                tmp = tmp + reference
-            else:
-                tmp = torch.cat([tmp[..., :2] + reference, tmp[..., 2:]], -1)
-            outputs_coords.append(tmp.sigmoid())
+        for lvl, (state, reference) in enumerate(zip(decoder_states, references)):
+            outputs_classes.append(self.class_embed[lvl](state))
+            outputs_coords.append(refine_boxes(self.bbox_embed[lvl](state), reference))
 
         outputs = {
             "pred_logits": outputs_classes[-1],
             "pred_boxes": outputs_coords[-1],
             "aux_outputs": [
-                {"pred_logits": a, "pred_boxes": b}
-                for a, b in zip(outputs_classes[:-1], outputs_coords[:-1])
+                {"pred_logits": logits, "pred_boxes": boxes}
+                for logits, boxes in zip(outputs_classes[:-1], outputs_coords[:-1])
             ],
         }
         if self.two_stage:

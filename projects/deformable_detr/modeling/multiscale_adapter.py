@@ -1,14 +1,44 @@
 """From backbone features to the transformer's multi-scale inputs."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from torch import nn
 
-__all__ = ["MultiScaleAdapter"]
+__all__ = ["MultiScaleAdapter", "check_adapter_arguments"]
+
+
+def check_adapter_arguments(in_features: Sequence[str], hidden_dim: int, num_levels: int,
+                            input_shape: Mapping[str, ShapeSpec] | None = None, *,
+                            names: Mapping[str, str] | None = None,
+                            backbone_name: str | None = None) -> None:
+    """Raise a ValueError unless :class:`MultiScaleAdapter` can be built with these.
+
+    Args:
+        input_shape: the backbone's ``output_shape()``; without it ``in_features`` is not
+            checked against the backbone's outputs.
+        names: what the messages call the arguments (e.g. the config keys they come from);
+            by default their own names.
+        backbone_name: the backbone, for the messages.
+    """
+    names = {"in_features": "in_features", "hidden_dim": "hidden_dim",
+             "num_levels": "num_levels", **(names or {})}
+    in_features = list(in_features)
+    if not in_features or (input_shape is not None
+                           and any(f not in input_shape for f in in_features)):
+        backbone = f" ({backbone_name})" if backbone_name else ""
+        offers = f", which offers {sorted(input_shape.keys())}" if input_shape is not None else ""
+        raise ValueError(f"{names['in_features']} {in_features} must name outputs of the "
+                         f"backbone{backbone}{offers}")
+    if num_levels < len(in_features):
+        raise ValueError(f"{names['num_levels']} ({num_levels}) must be at least the number of "
+                         f"{names['in_features']} ({len(in_features)}: {in_features})")
+    if hidden_dim % 32 != 0:
+        raise ValueError(f"{names['hidden_dim']} must be a multiple of 32 (GroupNorm(32) in the "
+                         f"input projection), got {hidden_dim}")
 
 
 class MultiScaleAdapter(nn.Module):
@@ -34,22 +64,7 @@ class MultiScaleAdapter(nn.Module):
                  hidden_dim: int, num_levels: int):
         super().__init__()
         in_features = list(in_features)
-        if not in_features:
-            raise ValueError("in_features must name at least one backbone output")
-        unknown = [f for f in in_features if f not in input_shape]
-        if unknown:
-            raise ValueError(
-                f"unknown backbone features {unknown}: the backbone offers "
-                f"{sorted(input_shape.keys())}"
-            )
-        if num_levels < len(in_features):
-            raise ValueError(
-                f"num_levels ({num_levels}) must be at least the number of in_features "
-                f"({len(in_features)}: {in_features})"
-            )
-        if hidden_dim % 32 != 0:
-            raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got "
-                             f"{hidden_dim}")
+        check_adapter_arguments(in_features, hidden_dim, num_levels, input_shape)
         self.in_features = in_features
         self.num_levels = num_levels
         self.hidden_dim = hidden_dim

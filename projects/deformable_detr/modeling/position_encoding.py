@@ -6,7 +6,23 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["PositionEmbeddingSine"]
+__all__ = ["PositionEmbeddingSine", "sine_embedding"]
+
+
+def sine_embedding(x: torch.Tensor, num_pos_feats: int, temperature: float) -> torch.Tensor:
+    """Sine embedding of every entry of ``x``: feature ``i`` is the sine (even ``i``) or
+    cosine (odd ``i``) of ``x / temperature ** (2 * (i // 2) / num_pos_feats)``.
+
+    Args:
+        x: [...] float32 (or float64) positions.
+
+    Returns:
+        [..., num_pos_feats] in ``x``'s dtype.
+    """
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=x.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+    pos = x[..., None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -20,7 +36,7 @@ class PositionEmbeddingSine(nn.Module):
     Args:
         num_pos_feats: features per axis; the result has ``2 * num_pos_feats`` channels,
             the y block first.
-        temperature: base of the frequencies ``temperature ** (2 * (i // 2) / num_pos_feats)``.
+        temperature: base of the frequencies (see :func:`sine_embedding`).
         normalize: divide by the valid extent and multiply by ``scale``.
         scale: defaults to 2*pi.
     """
@@ -54,13 +70,6 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
 
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
-
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
-        # sin of even, cos of odd features, interleaved.
-        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4)
-        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4)
-        pos = torch.cat((pos_y.flatten(3), pos_x.flatten(3)), dim=3)
-        return pos.permute(0, 3, 1, 2)
+        pos_y = sine_embedding(y_embed, self.num_pos_feats, self.temperature)
+        pos_x = sine_embedding(x_embed, self.num_pos_feats, self.temperature)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)

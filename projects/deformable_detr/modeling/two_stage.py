@@ -6,6 +6,8 @@ import math
 import torch
 
 from .box_ops import upcast
+from .grids import pixel_centres, valid_sizes
+from .position_encoding import sine_embedding
 
 __all__ = ["gen_encoder_output_proposals", "proposal_pos_embed"]
 
@@ -31,26 +33,17 @@ def gen_encoder_output_proposals(memory_padding_mask: torch.Tensor, spatial_shap
     if isinstance(spatial_shapes, torch.Tensor):
         spatial_shapes = spatial_shapes.tolist()
     n = memory_padding_mask.shape[0]
-    device = memory_padding_mask.device
     proposals = []
-    cur = 0
+    level_start = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
-        mask_l = memory_padding_mask[:, cur:cur + h * w].view(n, h, w, 1)
-        valid_h = torch.sum(~mask_l[:, :, 0, 0], 1)
-        valid_w = torch.sum(~mask_l[:, 0, :, 0], 1)
-        # arange equals linspace(0, h - 1, h) bit for bit, and keeps a symbolic h symbolic
-        # under torch.export (linspace specialises it).
-        grid_y, grid_x = torch.meshgrid(
-            torch.arange(h, dtype=torch.float32, device=device),
-            torch.arange(w, dtype=torch.float32, device=device),
-            indexing="ij",
-        )
-        grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
-        scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(n, 1, 1, 2)
-        grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
-        wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
-        proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
-        cur += h * w
+        mask = memory_padding_mask[:, level_start:level_start + h * w].view(n, h, w)
+        valid_h, valid_w = valid_sizes(mask)
+        centre_y, centre_x = pixel_centres(h, w, memory_padding_mask.device)
+        valid_size = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
+        centre = torch.stack([centre_x, centre_y], -1) / valid_size
+        wh = torch.ones_like(centre) * 0.05 * (2.0 ** lvl)
+        proposals.append(torch.cat((centre, wh), -1).view(n, -1, 4))
+        level_start += h * w
     proposals = torch.cat(proposals, 1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     # The plain logit (no clamping) as the published model; invalid entries become inf below.
@@ -74,10 +67,6 @@ def proposal_pos_embed(proposals: torch.Tensor, num_pos_feats: int = 128,
         (in order), sin/cos interleaved of
         ``sigmoid(p) * 2*pi / temperature ** (2 * (i // 2) / num_pos_feats)``.
     """
-    scale = 2 * math.pi
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
     # float32 for half-precision proposals: float16 rounds arguments near 2*pi by up to 2e-3.
-    proposals = upcast(proposals).sigmoid() * scale
-    pos = proposals[:, :, :, None] / dim_t
-    return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
+    positions = upcast(proposals).sigmoid() * (2 * math.pi)
+    return sine_embedding(positions, num_pos_feats, temperature).flatten(2)
