@@ -1,16 +1,13 @@
 """tools/demo.py, tools/visualize_attention.py and tools/run_demo.py on a tiny randomly
 initialised model, and a few training iterations of train_net.py on the shapes dataset."""
 import json
-import logging
 import os
 import runpy
 import types
 
 import numpy as np
 import pytest
-import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
+from conftest import run_logged, save_random_model, tiny_opts
 from PIL import Image
 
 import deformable_detr.modeling.slim_resnet  # noqa: F401  (registers the demo backbone)
@@ -31,14 +28,8 @@ demo = load_tool("demo")
 visualize_attention_tool = load_tool("visualize_attention")
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
-# The demo config shrunk for speed: narrower backbone, 32 channels, 1 + 2 layers.
-TINY = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "32", "MODEL.DEFORMABLE_DETR.NHEADS", "2",
-    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
-    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "12",
-    "TEST.DETECTIONS_PER_IMAGE", "20", "DATALOADER.NUM_WORKERS", "0",
-]
+# The demo config shrunk for speed (the tiny model of conftest.py).
+TINY = tiny_opts("TEST.DETECTIONS_PER_IMAGE", "20", "DATALOADER.NUM_WORKERS", "0", demo=True)
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +42,11 @@ def shapes_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A randomly initialised tiny demo model saved with DetectionCheckpointer."""
-    cfg = setup_cfg(CONFIG, TINY)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    out = tmp_path_factory.mktemp("weights")
-    DetectionCheckpointer(model, save_dir=str(out)).save("model")
-    return str(out / "model.pth")
+    return save_random_model(setup_cfg(CONFIG, TINY), tmp_path_factory.mktemp("weights"))
 
 
 def _run(tool, args, caplog):
-    # The tools log through detectron2's setup_logger, which does not propagate to root.
-    caplog.clear()
-    log = logging.getLogger("deformable_detr")
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="deformable_detr"):
-            return tool.main(args)
-    finally:
-        log.removeHandler(caplog.handler)
+    return run_logged(tool.main, args, caplog)
 
 
 def test_demo_draws_detections(shapes_root, weights, tmp_path, caplog):
@@ -151,7 +129,7 @@ def test_attention_records(shapes_root, predictor):
         np.testing.assert_allclose(enc[0].reference_points[q], [(col + 0.5) / fw,
                                                                 (row + 0.5) / fh], atol=1e-6)
     # Decoder records: one per query; attention weights of each head sum to 1.
-    assert dec[-1].sampling_locations.shape == (12, 2, 4, 4, 2)
+    assert dec[-1].sampling_locations.shape == (10, 4, 4, 4, 2)
     np.testing.assert_allclose(dec[-1].attention_weights.sum((-1, -2)), 1.0, atol=1e-5)
     # The top detections are those of the model's own inference path.
     dets = visualize_attention.top_detections(outputs["pred_logits"][0],
@@ -183,7 +161,7 @@ def test_visualize_attention_writes_pictures(shapes_root, weights, tmp_path, cap
     rc = _run(visualize_attention_tool,
               ["--config-file", CONFIG, "--input", str(val / "000001.png"), "--output", str(out),
                "--queries", "99", "--opts", "MODEL.WEIGHTS", weights, *TINY], caplog)
-    assert rc == 1 and "--queries must be in [0, 11]" in caplog.text
+    assert rc == 1 and "--queries must be in [0, 9]" in caplog.text
 
 
 def test_train_net_on_shapes(shapes_root, tmp_path):
