@@ -288,8 +288,8 @@ def test_finetune_shapes_from_other_classes(tmp_path, caught):
     pictures = tmp_path / "gradients"
     rc = visualize_gradients.main(
         ["--config-file", CONFIG, "--input", str(tmp_path / "shapes" / "val" / "000000.png"),
-         "--output", str(pictures), "--topk", "1", "MODEL.WEIGHTS",
-         str(out / "model_final.pth"), *TINY])
+         "--output", str(pictures), "--topk", "1", *TINY,
+         "MODEL.WEIGHTS", str(out / "model_final.pth")])
     assert rc == 0
     assert len([f for f in os.listdir(pictures) if f.endswith(".png")]) == 1
     npz = np.load(next(pictures / f for f in os.listdir(pictures) if f.endswith(".npz")))

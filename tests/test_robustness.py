@@ -146,7 +146,7 @@ def test_no_command_runs_pickled_code(ext, tmp_path, image_file, three_classes, 
         with captured(caplog):
             rc = tool(name)["main"](["--config-file", DEMO_CONFIG, "--input", image_file,
                                      "--output", str(tmp_path / name), "--opts",
-                                     "MODEL.WEIGHTS", evil, *DEMO_TINY])
+                                     *DEMO_TINY, "MODEL.WEIGHTS", evil])
         assert rc == 2 and "refused" in caplog.text, caplog.text
     # The converter.
     assert tool("convert_weights")["main"]([evil, str(tmp_path / "c.pth")]) == 1
@@ -418,7 +418,7 @@ def test_tool_messages_name_the_problem_and_the_fix(case, expected, tmp_path, im
     with captured(caplog):
         rc = tool("demo")["main"](["--config-file", DEMO_CONFIG, "--input", image_file,
                                    "--output", str(tmp_path / "out"), "--opts",
-                                   "MODEL.WEIGHTS", str(path), *DEMO_TINY])
+                                   *DEMO_TINY, "MODEL.WEIGHTS", str(path)])
     assert rc == 2
     assert expected in caplog.text, caplog.text
     assert "weights_only" not in caplog.text and "''" not in caplog.text

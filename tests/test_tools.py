@@ -56,7 +56,7 @@ def test_demo_draws_detections(shapes_root, weights, tmp_path, caplog):
     out = tmp_path / "out"
     rc = _run(demo, ["--config-file", CONFIG, "--input", str(val / "000000.png"),
                      str(val / "00000[12].png"), str(corrupt), "--output", str(out),
-                     "--confidence-threshold", "0", "--opts", "MODEL.WEIGHTS", weights, *TINY],
+                     "--confidence-threshold", "0", "--opts", *TINY, "MODEL.WEIGHTS", weights],
               caplog)
     assert rc == 1  # the corrupt file failed, the others were drawn
     assert "corrupt.png" in caplog.text and "Cannot read image" in caplog.text
@@ -75,12 +75,12 @@ def test_demo_folder_and_errors(shapes_root, weights, tmp_path, caplog):
     val = shapes_root / "shapes" / "val"
     out = tmp_path / "out"
     assert _run(demo, ["--config-file", CONFIG, "--input", str(val), "--output", str(out),
-                       "--opts", "MODEL.WEIGHTS", weights, *TINY], caplog) == 0
+                       "--opts", *TINY, "MODEL.WEIGHTS", weights], caplog) == 0
     assert len(os.listdir(out)) == 4
     # Missing weights, missing input, missing config: clear messages, no pictures.
     missing = str(tmp_path / "nope.pth")
     assert _run(demo, ["--config-file", CONFIG, "--input", str(val), "--output", str(out),
-                       "--opts", "MODEL.WEIGHTS", missing, *TINY], caplog) == 2
+                       "--opts", *TINY, "MODEL.WEIGHTS", missing], caplog) == 2
     assert f"MODEL.WEIGHTS file not found: {missing}" in caplog.text
     assert _run(demo, ["--config-file", CONFIG, "--input", str(val), "--output", str(out),
                        "--opts", *TINY], caplog) == 2
@@ -97,13 +97,13 @@ def test_demo_folder_and_errors(shapes_root, weights, tmp_path, caplog):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     assert _run(demo, ["--config-file", CONFIG, "--input", str(val), "--output", str(out),
-                       "--opts", "MODEL.WEIGHTS", str(garbage), *TINY], caplog) == 2
+                       "--opts", *TINY, "MODEL.WEIGHTS", str(garbage)], caplog) == 2
     assert "Cannot load MODEL.WEIGHTS" in caplog.text
 
 
 @pytest.fixture(scope="module")
 def predictor(weights):
-    return Predictor(setup_cfg(CONFIG, ["MODEL.WEIGHTS", weights, *TINY]))
+    return Predictor(setup_cfg(CONFIG, [*TINY, "MODEL.WEIGHTS", weights]))
 
 
 def test_attention_records(shapes_root, predictor):
@@ -151,8 +151,8 @@ def test_visualize_attention_writes_pictures(shapes_root, weights, tmp_path, cap
     out = tmp_path / "att"
     rc = _run(visualize_attention_tool,
               ["--config-file", CONFIG, "--input", str(val / "000001.png"), "--output", str(out),
-               "--topk", "2", "--pixels", "10,20", "60,70", "--opts", "MODEL.WEIGHTS", weights,
-               *TINY], caplog)
+               "--topk", "2", "--pixels", "10,20", "60,70", "--opts", *TINY, "MODEL.WEIGHTS",
+               weights], caplog)
     assert rc == 0
     assert sorted(os.listdir(out)) == ["000001_decoder.png", "000001_encoder.png"]
     for name in os.listdir(out):
@@ -160,7 +160,7 @@ def test_visualize_attention_writes_pictures(shapes_root, weights, tmp_path, cap
             assert im.width > 800 and im.height > 250
     rc = _run(visualize_attention_tool,
               ["--config-file", CONFIG, "--input", str(val / "000001.png"), "--output", str(out),
-               "--queries", "99", "--opts", "MODEL.WEIGHTS", weights, *TINY], caplog)
+               "--queries", "99", "--opts", *TINY, "MODEL.WEIGHTS", weights], caplog)
     assert rc == 1 and "--queries must be in [0, 9]" in caplog.text
 
 
