@@ -9,9 +9,15 @@ Use the fixtures ``tiny_cfg`` (a factory: ``tiny_cfg(WITH_BOX_REFINE=True)``) an
 """
 from __future__ import annotations
 
+import logging
+import os
+from typing import Callable, Optional, Sequence
+
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from deformable_detr import add_deformable_detr_config
@@ -130,3 +136,29 @@ def tiny_cfg():
 @pytest.fixture(name="make_inputs")
 def make_inputs_fixture():
     return make_inputs
+
+
+def save_random_model(cfg: CfgNode, directory, init: Optional[Callable] = None) -> str:
+    """A model of ``cfg`` with random weights (seed 0), then ``init(model)`` (under no_grad),
+    saved by detectron2's DetectionCheckpointer as ``directory/model.pth``; returns its path."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if init is not None:
+        with torch.no_grad():
+            init(model)
+    DetectionCheckpointer(model, save_dir=str(directory)).save("model")
+    return os.path.join(str(directory), "model.pth")
+
+
+def run_logged(main: Callable[[Sequence[str]], int], args: Sequence[str], caplog) -> int:
+    """``main(args)`` (a tool's) with the ``deformable_detr`` records in ``caplog``, cleared
+    first: the tools log through detectron2's setup_logger, which stops propagation to the
+    root logger."""
+    caplog.clear()
+    log = logging.getLogger("deformable_detr")
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="deformable_detr"):
+            return main(args)
+    finally:
+        log.removeHandler(caplog.handler)

@@ -39,19 +39,6 @@ from deformable_detr.checkpoint.official import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY_DIR = os.path.join(REPO, "tests", "data", "official_checkpoint_keys")
-# variant -> (key list, released file name, config file)
-RELEASES = {
-    "plain": ("plain", "r50_deformable_detr-checkpoint.pth",
-              "configs/deformable_detr_R_50_50ep.yaml"),
-    "box_refine": ("refine", "r50_deformable_detr_plus_iterative_bbox_refinement-checkpoint.pth",
-                   "configs/deformable_detr_R_50_box_refine_50ep.yaml"),
-    "two_stage": ("two_stage", "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_"
-                  "two_stage-checkpoint.pth", "configs/deformable_detr_R_50_two_stage_50ep.yaml"),
-    "single_scale": ("single_scale", "r50_deformable_detr_single_scale-checkpoint.pth",
-                     "configs/deformable_detr_R_50_single_scale_50ep.yaml"),
-    "single_scale_dc5": ("single_scale_dc5", "r50_deformable_detr_single_scale_dc5-checkpoint.pth",
-                         "configs/deformable_detr_R_50_single_scale_dc5_50ep.yaml"),
-}
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
 
 
@@ -95,7 +82,7 @@ def synthetic_official(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
 def _synthetic_official(variant: str, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sd = {k: torch.rand(s, generator=g) + 0.5
-          for k, s in read_key_list(RELEASES[variant][0]).items()}
+          for k, s in read_key_list(VARIANTS[variant].official_name).items()}
     for k in sd:
         if k.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")):
             sd[k] = sd[k[len("transformer.decoder."):]]
@@ -114,7 +101,7 @@ def cached_r50(variant: str):
 def build_r50(variant: str, num_classes: int = 80):
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, RELEASES[variant][2]))
+    cfg.merge_from_file(os.path.join(REPO, VARIANTS[variant].config_file))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES = num_classes
@@ -154,11 +141,11 @@ def test_backbone_names_follow_detectron2s_torchvision_conversion():
         torchvision_resnet_to_detectron2("fc.weight")
 
 
-@pytest.mark.parametrize("variant", sorted(RELEASES))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_key_lists_match_our_model(variant):
     """Our R-50 with 91 classes, mapped to the official names, has exactly the released
     keys and shapes; the converter's own key generator lists them in the released order."""
-    released = read_key_list(RELEASES[variant][0])
+    released = read_key_list(VARIANTS[variant].official_name)
     official = detectron2_to_official(build_r50(variant, 91).state_dict(), "identity")
     assert {k: tuple(v.shape) for k, v in official.items()} == released
     hp = infer_official_hparams({k: torch.empty(s) for k, s in released.items()})
@@ -166,18 +153,18 @@ def test_key_lists_match_our_model(variant):
     assert official_key_names(hp, blocks) == list(released)
 
 
-@pytest.mark.parametrize("variant", sorted(RELEASES))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_released_layout_converts_and_loads(variant, tmp_path):
     """Every tensor of a released-layout file lands in our 80-class model, by detectron2's
     backbone names and COCO's id -> contiguous class map."""
     sd = synthetic_official(variant)
-    path = str(tmp_path / RELEASES[variant][1])
+    path = str(tmp_path / VARIANTS[variant].checkpoint_file)
     save_official(sd, path, dilation=variant.endswith("dc5"),
                   with_box_refine=VARIANTS[variant].with_box_refine,
                   two_stage=VARIANTS[variant].two_stage)
     result = convert_checkpoint(path)
     assert (result.source_format, result.variant.name) == ("official", variant)
-    assert result.config_file == RELEASES[variant][2]
+    assert result.config_file == VARIANTS[variant].config_file
     assert result.config_overrides == [] and result.class_mapping == "coco"
     assert any("2020-12-07" in n for n in result.notes)
 
@@ -206,13 +193,13 @@ def test_released_layout_converts_and_loads(variant, tmp_path):
             assert torch.equal(ours[k], v), k
 
 
-@pytest.mark.parametrize("variant", sorted(RELEASES))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_round_trip_through_an_official_file_is_exact(variant, tmp_path):
     model = cached_r50(variant)
     randomize_(model)
     ours = {k: v for k, v in model.state_dict().items() if k not in ("pixel_mean", "pixel_std")}
     official = detectron2_to_official(ours)
-    assert set(official) == set(read_key_list(RELEASES[variant][0]))
+    assert set(official) == set(read_key_list(VARIANTS[variant].official_name))
 
     # Class rows: class i is COCO id ids[i]; unused ids get the prior; the two-stage encoder
     # head keeps its proposal channel 0 at row 0.

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_cfg
+from conftest import make_tiny_cfg, tiny_opts
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
@@ -34,14 +34,8 @@ from deformable_detr.engine import Trainer, setup_cfg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
-# The demo config shrunk for speed (as in test_tools.py).
-TINY = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "32", "MODEL.DEFORMABLE_DETR.NHEADS", "2",
-    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
-    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "12",
-    "TEST.DETECTIONS_PER_IMAGE", "20", "DATALOADER.NUM_WORKERS", "0",
-]
+# The demo config shrunk for speed (the tiny model of conftest.py).
+TINY = tiny_opts("TEST.DETECTIONS_PER_IMAGE", "20", "DATALOADER.NUM_WORKERS", "0", demo=True)
 SHAPES = [c["name"] for c in SHAPES_CATEGORIES]
 # Another dataset's classes: three shared with the shapes (one in other case), two not.
 OTHER = ["Red Circle", "dog", "blue square", "cat", "green circle"]
@@ -294,8 +288,8 @@ def test_finetune_shapes_from_other_classes(tmp_path, caught):
     pictures = tmp_path / "gradients"
     rc = visualize_gradients.main(
         ["--config-file", CONFIG, "--input", str(tmp_path / "shapes" / "val" / "000000.png"),
-         "--output", str(pictures), "--topk", "1", "MODEL.WEIGHTS",
-         str(out / "model_final.pth"), *TINY])
+         "--output", str(pictures), "--topk", "1", *TINY,
+         "MODEL.WEIGHTS", str(out / "model_final.pth")])
     assert rc == 0
     assert len([f for f in os.listdir(pictures) if f.endswith(".png")]) == 1
     npz = np.load(next(pictures / f for f in os.listdir(pictures) if f.endswith(".npz")))

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_VARIANTS
 
 from deformable_detr.layers import has_compiled_op, ms_deform_attn, ms_deform_attn_pytorch
 
@@ -237,11 +238,8 @@ def test_cuda_graph_capture_and_replay():
 
 # ---------------------------------------------------------------- mixed-precision training
 
-VARIANTS = {
-    "plain": {},
-    "box_refine": {"WITH_BOX_REFINE": True},
-    "two_stage": {"WITH_BOX_REFINE": True, "TWO_STAGE": True},
-}
+#: The variants of conftest.TINY_VARIANTS trained under AMP here (the multi-scale ones).
+AMP_VARIANTS = ("plain", "box_refine", "two_stage")
 
 
 def train_steps(overrides, amp_dtype, steps=15, lr=1e-4, device="cuda"):
@@ -282,10 +280,10 @@ def train_steps(overrides, amp_dtype, steps=15, lr=1e-4, device="cuda"):
 
 
 @pytest.mark.parametrize("amp_dtype", [F16, BF16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", AMP_VARIANTS)
 def test_amp_training_steps(variant, amp_dtype):
     pytest.importorskip("detectron2")
-    losses, skipped, offsets_grad = train_steps(VARIANTS[variant], amp_dtype)
+    losses, skipped, offsets_grad = train_steps(TINY_VARIANTS[variant], amp_dtype)
     assert all(math.isfinite(x) for x in losses), losses
     # float16: the scaler may skip the first steps while it lowers its scale from 2**16;
     # bfloat16 has float32's range and never overflows.

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_opts
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
@@ -40,14 +41,9 @@ from deformable_detr.engine import Trainer, setup_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
-# The demo config shrunk for speed, as in test_tools.py.
-DEMO_TINY = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "32", "MODEL.DEFORMABLE_DETR.NHEADS", "2",
-    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
-    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "12",
-    "TEST.DETECTIONS_PER_IMAGE", "20", "DATALOADER.NUM_WORKERS", "0",
-]
+# The demo config shrunk for speed (the tiny model of conftest.py).
+DEMO_TINY = tiny_opts("TEST.DETECTIONS_PER_IMAGE", "20", "DATALOADER.NUM_WORKERS", "0",
+                      demo=True)
 
 
 def tool(name):
@@ -150,7 +146,7 @@ def test_no_command_runs_pickled_code(ext, tmp_path, image_file, three_classes, 
         with captured(caplog):
             rc = tool(name)["main"](["--config-file", DEMO_CONFIG, "--input", image_file,
                                      "--output", str(tmp_path / name), "--opts",
-                                     "MODEL.WEIGHTS", evil, *DEMO_TINY])
+                                     *DEMO_TINY, "MODEL.WEIGHTS", evil])
         assert rc == 2 and "refused" in caplog.text, caplog.text
     # The converter.
     assert tool("convert_weights")["main"]([evil, str(tmp_path / "c.pth")]) == 1
@@ -422,7 +418,7 @@ def test_tool_messages_name_the_problem_and_the_fix(case, expected, tmp_path, im
     with captured(caplog):
         rc = tool("demo")["main"](["--config-file", DEMO_CONFIG, "--input", image_file,
                                    "--output", str(tmp_path / "out"), "--opts",
-                                   "MODEL.WEIGHTS", str(path), *DEMO_TINY])
+                                   *DEMO_TINY, "MODEL.WEIGHTS", str(path)])
     assert rc == 2
     assert expected in caplog.text, caplog.text
     assert "weights_only" not in caplog.text and "''" not in caplog.text

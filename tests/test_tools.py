@@ -1,16 +1,13 @@
 """tools/demo.py, tools/visualize_attention.py and tools/run_demo.py on a tiny randomly
 initialised model, and a few training iterations of train_net.py on the shapes dataset."""
 import json
-import logging
 import os
 import runpy
 import types
 
 import numpy as np
 import pytest
-import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
+from conftest import run_logged, save_random_model, tiny_opts
 from PIL import Image
 
 import deformable_detr.modeling.slim_resnet  # noqa: F401  (registers the demo backbone)
@@ -31,14 +28,8 @@ demo = load_tool("demo")
 visualize_attention_tool = load_tool("visualize_attention")
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
-# The demo config shrunk for speed: narrower backbone, 32 channels, 1 + 2 layers.
-TINY = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "32", "MODEL.DEFORMABLE_DETR.NHEADS", "2",
-    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
-    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "12",
-    "TEST.DETECTIONS_PER_IMAGE", "20", "DATALOADER.NUM_WORKERS", "0",
-]
+# The demo config shrunk for speed (the tiny model of conftest.py).
+TINY = tiny_opts("TEST.DETECTIONS_PER_IMAGE", "20", "DATALOADER.NUM_WORKERS", "0", demo=True)
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +42,11 @@ def shapes_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A randomly initialised tiny demo model saved with DetectionCheckpointer."""
-    cfg = setup_cfg(CONFIG, TINY)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    out = tmp_path_factory.mktemp("weights")
-    DetectionCheckpointer(model, save_dir=str(out)).save("model")
-    return str(out / "model.pth")
+    return save_random_model(setup_cfg(CONFIG, TINY), tmp_path_factory.mktemp("weights"))
 
 
 def _run(tool, args, caplog):
-    # The tools log through detectron2's setup_logger, which does not propagate to root.
-    caplog.clear()
-    log = logging.getLogger("deformable_detr")
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="deformable_detr"):
-            return tool.main(args)
-    finally:
-        log.removeHandler(caplog.handler)
+    return run_logged(tool.main, args, caplog)
 
 
 def test_demo_draws_detections(shapes_root, weights, tmp_path, caplog):
@@ -78,7 +56,7 @@ def test_demo_draws_detections(shapes_root, weights, tmp_path, caplog):
     out = tmp_path / "out"
     rc = _run(demo, ["--config-file", CONFIG, "--input", str(val / "000000.png"),
                      str(val / "00000[12].png"), str(corrupt), "--output", str(out),
-                     "--confidence-threshold", "0", "--opts", "MODEL.WEIGHTS", weights, *TINY],
+                     "--confidence-threshold", "0", "--opts", *TINY, "MODEL.WEIGHTS", weights],
               caplog)
     assert rc == 1  # the corrupt file failed, the others were drawn
     assert "corrupt.png" in caplog.text and "Cannot read image" in caplog.text
@@ -97,12 +75,12 @@ def test_demo_folder_and_errors(shapes_root, weights, tmp_path, caplog):
     val = shapes_root / "shapes" / "val"
     out = tmp_path / "out"
     assert _run(demo, ["--config-file", CONFIG, "--input", str(val), "--output", str(out),
-                       "--opts", "MODEL.WEIGHTS", weights, *TINY], caplog) == 0
+                       "--opts", *TINY, "MODEL.WEIGHTS", weights], caplog) == 0
     assert len(os.listdir(out)) == 4
     # Missing weights, missing input, missing config: clear messages, no pictures.
     missing = str(tmp_path / "nope.pth")
     assert _run(demo, ["--config-file", CONFIG, "--input", str(val), "--output", str(out),
-                       "--opts", "MODEL.WEIGHTS", missing, *TINY], caplog) == 2
+                       "--opts", *TINY, "MODEL.WEIGHTS", missing], caplog) == 2
     assert f"MODEL.WEIGHTS file not found: {missing}" in caplog.text
     assert _run(demo, ["--config-file", CONFIG, "--input", str(val), "--output", str(out),
                        "--opts", *TINY], caplog) == 2
@@ -119,13 +97,13 @@ def test_demo_folder_and_errors(shapes_root, weights, tmp_path, caplog):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     assert _run(demo, ["--config-file", CONFIG, "--input", str(val), "--output", str(out),
-                       "--opts", "MODEL.WEIGHTS", str(garbage), *TINY], caplog) == 2
+                       "--opts", *TINY, "MODEL.WEIGHTS", str(garbage)], caplog) == 2
     assert "Cannot load MODEL.WEIGHTS" in caplog.text
 
 
 @pytest.fixture(scope="module")
 def predictor(weights):
-    return Predictor(setup_cfg(CONFIG, ["MODEL.WEIGHTS", weights, *TINY]))
+    return Predictor(setup_cfg(CONFIG, [*TINY, "MODEL.WEIGHTS", weights]))
 
 
 def test_attention_records(shapes_root, predictor):
@@ -151,7 +129,7 @@ def test_attention_records(shapes_root, predictor):
         np.testing.assert_allclose(enc[0].reference_points[q], [(col + 0.5) / fw,
                                                                 (row + 0.5) / fh], atol=1e-6)
     # Decoder records: one per query; attention weights of each head sum to 1.
-    assert dec[-1].sampling_locations.shape == (12, 2, 4, 4, 2)
+    assert dec[-1].sampling_locations.shape == (10, 4, 4, 4, 2)
     np.testing.assert_allclose(dec[-1].attention_weights.sum((-1, -2)), 1.0, atol=1e-5)
     # The top detections are those of the model's own inference path.
     dets = visualize_attention.top_detections(outputs["pred_logits"][0],
@@ -173,8 +151,8 @@ def test_visualize_attention_writes_pictures(shapes_root, weights, tmp_path, cap
     out = tmp_path / "att"
     rc = _run(visualize_attention_tool,
               ["--config-file", CONFIG, "--input", str(val / "000001.png"), "--output", str(out),
-               "--topk", "2", "--pixels", "10,20", "60,70", "--opts", "MODEL.WEIGHTS", weights,
-               *TINY], caplog)
+               "--topk", "2", "--pixels", "10,20", "60,70", "--opts", *TINY, "MODEL.WEIGHTS",
+               weights], caplog)
     assert rc == 0
     assert sorted(os.listdir(out)) == ["000001_decoder.png", "000001_encoder.png"]
     for name in os.listdir(out):
@@ -182,8 +160,8 @@ def test_visualize_attention_writes_pictures(shapes_root, weights, tmp_path, cap
             assert im.width > 800 and im.height > 250
     rc = _run(visualize_attention_tool,
               ["--config-file", CONFIG, "--input", str(val / "000001.png"), "--output", str(out),
-               "--queries", "99", "--opts", "MODEL.WEIGHTS", weights, *TINY], caplog)
-    assert rc == 1 and "--queries must be in [0, 11]" in caplog.text
+               "--queries", "99", "--opts", *TINY, "MODEL.WEIGHTS", weights], caplog)
+    assert rc == 1 and "--queries must be in [0, 9]" in caplog.text
 
 
 def test_train_net_on_shapes(shapes_root, tmp_path):

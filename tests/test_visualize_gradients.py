@@ -1,6 +1,5 @@
 """tools/visualize_gradients.py (the paper's Fig. 5): its arrays are the gradient norms that
 torch.autograd.grad gives on the same model and image; its pictures and its bounds."""
-import logging
 import os
 import runpy
 import types
@@ -8,6 +7,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import run_logged, save_random_model, tiny_opts
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from PIL import Image
@@ -23,13 +23,8 @@ visualize_gradients = types.SimpleNamespace(
     **runpy.run_path(os.path.join(ROOT, "tools", "visualize_gradients.py")))
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "deformable_detr_shapes.yaml")
-TINY = [
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "32", "MODEL.DEFORMABLE_DETR.NHEADS", "2",
-    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
-    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64", "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "12",
-    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160",
-]
+# The demo config shrunk for speed (the tiny model of conftest.py).
+TINY = tiny_opts("INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160", demo=True)
 
 
 @pytest.fixture(scope="module")
@@ -37,25 +32,18 @@ def setup(tmp_path_factory):
     """(image path, weights path, opts) of a randomly initialised tiny demo model."""
     root = tmp_path_factory.mktemp("gradients")
     generate_shapes_dataset(str(root / "shapes"), num_train=1, num_val=1, seed=3)
-    torch.manual_seed(0)
-    model = build_model(setup_cfg(CONFIG, TINY))
-    with torch.no_grad():
+
+    def init(model):
         # The box heads start at zero (boxes independent of the image): give them weights.
         for head in model.bbox_embed:
             head.layers[-1].weight.normal_(0, 0.1)
-    DetectionCheckpointer(model, save_dir=str(root)).save("model")
-    weights = str(root / "model.pth")
+
+    weights = save_random_model(setup_cfg(CONFIG, TINY), root, init)
     return str(root / "shapes" / "val" / "000000.png"), weights, TINY + ["MODEL.WEIGHTS", weights]
 
 
 def run_tool(args, caplog):
-    log = logging.getLogger("deformable_detr")
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="deformable_detr"):
-            return visualize_gradients.main(args)
-    finally:
-        log.removeHandler(caplog.handler)
+    return run_logged(visualize_gradients.main, args, caplog)
 
 
 def reference(image_path, opts):
@@ -122,8 +110,8 @@ def test_library_leaves_the_model_as_it_was(setup):
     assert all(m.shape == (64, 80) for m in det.maps.values())
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
     assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(ValueError, match=r"--query must be in \[0, 11\]"):
-        gradient_maps(model, image, queries=[12])
+    with pytest.raises(ValueError, match=r"--query must be in \[0, 9\]"):
+        gradient_maps(model, image, queries=[10])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -143,8 +131,8 @@ def test_tool_messages(setup, tmp_path, caplog, capsys):
     image, weights, opts = setup
     # A query the model does not have: reported for the image, exit status 1.
     rc = run_tool(["--config-file", CONFIG, "--input", image, "--output", str(tmp_path),
-                   "--query", "12", *opts], caplog)
-    assert rc == 1 and "--query must be in [0, 11]" in caplog.text
+                   "--query", "10", *opts], caplog)
+    assert rc == 1 and "--query must be in [0, 9]" in caplog.text
     # KEY VALUE pairs before the other options would be read as images.
     with pytest.raises(SystemExit):
         visualize_gradients.main(["--config-file", CONFIG, "--input", image, "MODEL.WEIGHTS",

@@ -29,16 +29,13 @@ from typing import Optional, Sequence
 
 from detectron2.utils.logger import setup_logger
 
+from deformable_detr.engine.predictor import image_tool_parser
 from deformable_detr.utils.cli import float_in, int_in
 from deformable_detr.visualization import write_detection_pictures
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Draw Deformable DETR detections on images")
-    parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="image files, folders or glob patterns (quote the globs)")
-    parser.add_argument("--output", required=True, help="folder for the pictures")
+    parser = image_tool_parser("Draw Deformable DETR detections on images")
     parser.add_argument("--confidence-threshold", type=float_in(0, 1, "a score"), default=0.5,
                         help="draw detections with at least this score (default 0.5)")
     parser.add_argument("--scale", type=float_in(0, 64, "drawing scale", lo_open=True),
@@ -48,11 +45,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pad-batches", action="store_true",
                         help="pad images of different sizes into one batch (faster; changes "
                              "their detections slightly)")
-    parser.add_argument("--allow-random-weights", action="store_true",
-                        help="run even when MODEL.WEIGHTS is empty or leaves parameters of the "
-                             "model unloaded (random)")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
-                        help="config KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
     return parser
 
 

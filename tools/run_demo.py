@@ -137,7 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     weights = os.path.join(args.output, "model_final.pth")
     val_dir = os.path.join(root, "val")
     images = sorted(os.listdir(val_dir))[: max(args.num_pictures, 1)]
-    opts = ["MODEL.WEIGHTS", weights, *args.opts]
+    # The trained model, also where the overrides name other (initial) weights.
+    opts = [*args.opts, "MODEL.WEIGHTS", weights]
     rc = write_detection_pictures(args.config_file, opts,
                                   [os.path.join(val_dir, f) for f in images],
                                   os.path.join(args.output, "detections"),

@@ -1,12 +1,7 @@
 #!/usr/bin/env python
-"""Draw where multi-scale deformable attention looks (the picture of the paper's Fig. 5).
-
-For chosen object queries of the last decoder layer (default: the top-k detections) and
-chosen pixels of the last encoder layer (default: the centres of those detections), the
-sampling points of every head on every feature level are drawn on the image, coloured and
-sized by their attention weight; the reference point (or box, with box refinement) is marked
-with a star (dashed box), the detection with its box. Each row of a picture is one query:
-all levels together, then one panel per level with that level's feature-map grid.
+"""Draw where multi-scale deformable attention looks (the picture of the paper's Fig. 5):
+the sampling points of chosen decoder queries and encoder pixels, as described in
+``deformable_detr.visualization.attention``.
 
 Example::
 
@@ -28,6 +23,7 @@ from typing import Optional, Sequence, Tuple
 
 from detectron2.utils.logger import setup_logger
 
+from deformable_detr.engine.predictor import image_tool_parser
 from deformable_detr.utils.cli import int_in
 from deformable_detr.visualization import MAX_ROWS, write_attention_pictures
 
@@ -41,12 +37,7 @@ def _parse_pixel(text: str) -> Tuple[float, float]:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Draw Deformable DETR's attention sampling "
-                                                 "points")
-    parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="image files, folders or glob patterns (quote the globs)")
-    parser.add_argument("--output", required=True, help="folder for the pictures")
+    parser = image_tool_parser("Draw Deformable DETR's attention sampling points")
     parser.add_argument("--topk", type=int_in(1, MAX_ROWS, "one picture row per query"),
                         default=3, help="decoder queries of the top-k detections (default 3)")
     parser.add_argument("--queries", type=int, nargs="*", default=[],
@@ -58,11 +49,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pixel-level", type=int_in(0), default=0,
                         help="feature level of the encoder queries (default 0, the finest)")
     parser.add_argument("--dpi", type=int_in(30, 300, "picture resolution"), default=110)
-    parser.add_argument("--allow-random-weights", action="store_true",
-                        help="run even when MODEL.WEIGHTS is empty or leaves parameters of the "
-                             "model unloaded (random)")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
-                        help="config KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
     return parser
 
 

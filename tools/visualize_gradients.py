@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 from detectron2.utils.logger import setup_logger
 
+from deformable_detr.engine.predictor import image_tool_parser
 from deformable_detr.utils.cli import int_in
 from deformable_detr.visualization import MAX_DETECTIONS, write_gradient_pictures
 
@@ -37,21 +38,14 @@ _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Draw the gradient norm of each element of a detection with respect to "
-                    "the input pixels")
-    parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="image files, folders or glob patterns (quote the globs)")
-    parser.add_argument("--output", required=True, help="folder for the pictures and .npz")
+    parser = image_tool_parser(
+        "Draw the gradient norm of each element of a detection with respect to the input "
+        "pixels", output_help="folder for the pictures and .npz", opts_option=False)
     parser.add_argument("--query", type=int_in(0), default=None,
                         help="this query instead of the top detections")
     parser.add_argument("--topk", type=int_in(1, MAX_DETECTIONS, "5 backward passes each"),
                         default=3, help="the queries of highest class score (default 3)")
     parser.add_argument("--dpi", type=int_in(30, 300, "picture resolution"), default=110)
-    parser.add_argument("--allow-random-weights", action="store_true",
-                        help="run even when MODEL.WEIGHTS is empty or leaves parameters of the "
-                             "model unloaded (random)")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="config KEY VALUE pairs, last, e.g. MODEL.WEIGHTS model.pth")
     return parser

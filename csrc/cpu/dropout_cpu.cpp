@@ -30,24 +30,10 @@
 #include <mutex>
 #include <optional>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "cpu/isa_dispatch.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define DROPOUT_X86_DISPATCH 1
-#else
-#define DROPOUT_X86_DISPATCH 0
-#endif
-
-#if defined(__GNUC__)
-#define DROPOUT_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define DROPOUT_ALWAYS_INLINE inline
 #endif
 
 namespace deformable_detr {
@@ -64,7 +50,7 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57;
 
 // r[w * kLanes + l] = word w of Philox4x32-10(key, counter = first + l): the 64 uint32s of
 // the tile whose first counter is `first`.
-DROPOUT_ALWAYS_INLINE void philox_tile_scalar(uint64_t key, uint64_t first, uint32_t* r) {
+MSDA_ALWAYS_INLINE void philox_tile_scalar(uint64_t key, uint64_t first, uint32_t* r) {
   uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
     const uint64_t ctr = first + static_cast<uint64_t>(l);
@@ -98,10 +84,10 @@ DROPOUT_ALWAYS_INLINE void philox_tile_scalar(uint64_t key, uint64_t first, uint
 }
 
 
-#if DROPOUT_X86_DISPATCH
+#if MSDA_X86_DISPATCH
 // The same with 32-bit lanes in vector registers; vpmuludq gives the 64-bit products of the
 // even lanes, so the odd lanes are shifted down for a second multiply.
-__attribute__((target("avx2,fma"))) DROPOUT_ALWAYS_INLINE void mulhilo_avx2(
+__attribute__((target("avx2,fma"))) MSDA_ALWAYS_INLINE void mulhilo_avx2(
     __m256i a, __m256i m, __m256i* hi, __m256i* lo) {
   const __m256i even = _mm256_mul_epu32(a, m);
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
@@ -109,7 +95,7 @@ __attribute__((target("avx2,fma"))) DROPOUT_ALWAYS_INLINE void mulhilo_avx2(
   *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-__attribute__((target("avx2,fma"))) DROPOUT_ALWAYS_INLINE void philox_tile_avx2(
+__attribute__((target("avx2,fma"))) MSDA_ALWAYS_INLINE void philox_tile_avx2(
     uint64_t key, uint64_t first, uint32_t* r) {
   static_assert(kLanes == 16, "two vectors of 8 lanes");
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
@@ -147,9 +133,7 @@ __attribute__((target("avx2,fma"))) DROPOUT_ALWAYS_INLINE void philox_tile_avx2(
   }
 }
 
-#define DROPOUT_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
-
-__attribute__((target(DROPOUT_AVX512))) DROPOUT_ALWAYS_INLINE void mulhilo_avx512(
+__attribute__((target(MSDA_AVX512_TARGET))) MSDA_ALWAYS_INLINE void mulhilo_avx512(
     __m512i a, __m512i m, __m512i* hi, __m512i* lo) {
   const __m512i even = _mm512_mul_epu32(a, m);
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
@@ -157,7 +141,7 @@ __attribute__((target(DROPOUT_AVX512))) DROPOUT_ALWAYS_INLINE void mulhilo_avx51
   *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-__attribute__((target(DROPOUT_AVX512))) DROPOUT_ALWAYS_INLINE void philox_tile_avx512(
+__attribute__((target(MSDA_AVX512_TARGET))) MSDA_ALWAYS_INLINE void philox_tile_avx512(
     uint64_t key, uint64_t first, uint32_t* r) {
   static_assert(kLanes == 16, "one vector of 16 lanes");
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
@@ -200,7 +184,7 @@ struct PhiloxAvx2 {
 };
 
 struct PhiloxAvx512 {
-  __attribute__((target(DROPOUT_AVX512))) void operator()(
+  __attribute__((target(MSDA_AVX512_TARGET))) void operator()(
       uint64_t key, uint64_t first, uint32_t* r) const {
     philox_tile_avx512(key, first, r);
   }
@@ -208,7 +192,7 @@ struct PhiloxAvx512 {
 #endif
 
 struct PhiloxScalar {
-  DROPOUT_ALWAYS_INLINE void operator()(uint64_t key, uint64_t first, uint32_t* r) const {
+  MSDA_ALWAYS_INLINE void operator()(uint64_t key, uint64_t first, uint32_t* r) const {
     philox_tile_scalar(key, first, r);
   }
 };
@@ -226,7 +210,7 @@ struct ForwardArgs {
 
 // Tiles [tb, te).
 template <typename scalar_t, typename Philox>
-DROPOUT_ALWAYS_INLINE void forward_tiles(int64_t tb, int64_t te, const ForwardArgs<scalar_t>& a,
+MSDA_ALWAYS_INLINE void forward_tiles(int64_t tb, int64_t te, const ForwardArgs<scalar_t>& a,
                                          const Philox& philox) {
   using acc_t = at::opmath_type<scalar_t>;
   alignas(64) uint32_t r[kTile];
@@ -261,7 +245,7 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t>
-DROPOUT_ALWAYS_INLINE void backward_range(int64_t b, int64_t e, const BackwardArgs<scalar_t>& a) {
+MSDA_ALWAYS_INLINE void backward_range(int64_t b, int64_t e, const BackwardArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = b; i < e; ++i) {
     a.out[i] = static_cast<scalar_t>(static_cast<acc_t>(a.grad[i]) *
@@ -279,11 +263,11 @@ void backward_default(int64_t b, int64_t e, const BackwardArgs<scalar_t>& a) {
   backward_range(b, e, a);
 }
 
-#if DROPOUT_X86_DISPATCH
+#if MSDA_X86_DISPATCH
 // The build is portable (no -march flags): a second copy for AVX-512 / AVX2, picked at run
 // time. The generator's 32x32->64-bit multiplies and the masking are what vectorise.
 template <typename scalar_t>
-__attribute__((target(DROPOUT_AVX512))) void forward_avx512(int64_t tb, int64_t te,
+__attribute__((target(MSDA_AVX512_TARGET))) void forward_avx512(int64_t tb, int64_t te,
                                                             const ForwardArgs<scalar_t>& a) {
   forward_tiles(tb, te, a, PhiloxAvx512{});
 }
@@ -295,7 +279,7 @@ __attribute__((target("avx2,fma"))) void forward_avx2(int64_t tb, int64_t te,
 }
 
 template <typename scalar_t>
-__attribute__((target(DROPOUT_AVX512))) void backward_avx512(
+__attribute__((target(MSDA_AVX512_TARGET))) void backward_avx512(
     int64_t b, int64_t e, const BackwardArgs<scalar_t>& a) {
   backward_range(b, e, a);
 }
@@ -304,18 +288,6 @@ template <typename scalar_t>
 __attribute__((target("avx2,fma"))) void backward_avx2(int64_t b, int64_t e,
                                                        const BackwardArgs<scalar_t>& a) {
   backward_range(b, e, a);
-}
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
-
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
 }
 #endif
 
@@ -326,32 +298,20 @@ using BackwardFn = void (*)(int64_t, int64_t, const BackwardArgs<scalar_t>&);
 
 template <typename scalar_t>
 ForwardFn<scalar_t> select_forward() {
-#if DROPOUT_X86_DISPATCH
-  if (cpu_has_avx512()) return &forward_avx512<scalar_t>;
-  if (cpu_has_avx2()) return &forward_avx2<scalar_t>;
+#if MSDA_X86_DISPATCH
+  if (cpu::cpu_has_avx512()) return &forward_avx512<scalar_t>;
+  if (cpu::cpu_has_avx2_fma()) return &forward_avx2<scalar_t>;
 #endif
   return &forward_default<scalar_t>;
 }
 
 template <typename scalar_t>
 BackwardFn<scalar_t> select_backward() {
-#if DROPOUT_X86_DISPATCH
-  if (cpu_has_avx512()) return &backward_avx512<scalar_t>;
-  if (cpu_has_avx2()) return &backward_avx2<scalar_t>;
+#if MSDA_X86_DISPATCH
+  if (cpu::cpu_has_avx512()) return &backward_avx512<scalar_t>;
+  if (cpu::cpu_has_avx2_fma()) return &backward_avx2<scalar_t>;
 #endif
   return &backward_default<scalar_t>;
-}
-
-// Fresh outputs of tens of MiB: where Linux gives transparent huge pages on request, first
-// writing them costs a page fault per 2 MiB instead of per 4 KiB. Only a hint.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
 }
 
 void check_p(double p) {
@@ -393,8 +353,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_forward_cpu(const at::Tensor& input, 
   auto mask = at::empty(x.sizes(), x.options().dtype(at::kBool));
   const int64_t n = x.numel();
   if (n == 0) return {out, mask};
-  advise_huge_pages(out);
-  advise_huge_pages(mask);
+  cpu::advise_huge_pages(out);
+  cpu::advise_huge_pages(mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_forward_cpu",
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
@@ -427,7 +387,7 @@ at::Tensor dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& mask, 
   auto out = at::empty_like(g, at::MemoryFormat::Contiguous);
   const int64_t n = g.numel();
   if (n == 0) return out;
-  advise_huge_pages(out);
+  cpu::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dropout_backward_cpu",
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;

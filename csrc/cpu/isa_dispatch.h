@@ -7,6 +7,14 @@
 // once, for the baseline only.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define MSDA_X86_DISPATCH 1
 #else
@@ -38,6 +46,16 @@ inline bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
+
+// The AVX-512 subset that a kernel compiled with target(MSDA_AVX512_TARGET) needs;
+// cpu_has_avx512() asks for exactly these (once per process).
+#define MSDA_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"
+inline bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
 #endif
 
 // Body::run(Args...) compiled for the best instruction set this CPU has.
@@ -47,6 +65,19 @@ auto select_isa() -> void (*)(Args...) {
   if (cpu_has_avx2_fma()) return &run_avx2<Body, Args...>;
 #endif
   return &run_baseline<Body, Args...>;
+}
+
+// Fresh outputs of tens of MiB: where Linux gives transparent huge pages on request, first
+// writing them costs a page fault per 2 MiB instead of per 4 KiB. Only a hint: errors are
+// ignored.
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
 }
 
 }  // namespace cpu

@@ -14,8 +14,8 @@ Everything under ``transformer.``, the heads and ``query_embed`` keep their name
 the packed decoder self-attention (``in_proj_weight`` rows 0..C-1 q, C..2C-1 k, 2C..3C-1 v).
 The released refinement / two-stage models store their heads twice (also as
 ``transformer.decoder.{bbox,class}_embed``) and the plain ones once per decoder layer; the
-copies are checked to be equal, and the aliases are dropped (ours stores each head once per
-layer, see ``KEEPS_DECODER_HEAD_ALIASES``).
+copies are checked to be equal, and the aliases are dropped: ours stores each head once per
+layer, as the decoder gets the heads as forward arguments.
 """
 from __future__ import annotations
 
@@ -42,10 +42,6 @@ __all__ = [
 
 #: Where our meta-architecture keeps the input projection (``input_proj.{i}.{0,1}``).
 INPUT_PROJ_PREFIX = "adapter.input_proj."
-#: Whether our state dict repeats the refinement / two-stage heads under
-#: ``transformer.decoder.`` as the released one does. It does not: the decoder gets the heads
-#: as forward arguments.
-KEEPS_DECODER_HEAD_ALIASES = False
 
 _OFFICIAL_BACKBONE = "backbone.0.body."
 _D2_BACKBONE = "backbone."
@@ -319,11 +315,11 @@ def official_to_detectron2(sd: dict[str, torch.Tensor], class_mapping: str = "co
             continue
         m = re.fullmatch(r"(transformer\.decoder\.)?class_embed\.(\d+)\.(weight|bias)", k)
         if m:
-            if m.group(1) and not KEEPS_DECODER_HEAD_ALIASES:
+            if m.group(1):  # an alias of the head (see the module docstring)
                 continue
             encoder_head = hp.two_stage and int(m.group(2)) == hp.dec_layers
             v = gather_class_rows(v, class_rows(class_mapping, v.shape[0], encoder_head))
-        elif k.startswith("transformer.decoder.bbox_embed.") and not KEEPS_DECODER_HEAD_ALIASES:
+        elif k.startswith("transformer.decoder.bbox_embed."):
             continue
         out[k] = v
     return out
@@ -367,7 +363,7 @@ def detectron2_to_official(sd: dict[str, torch.Tensor], class_mapping: str = "co
             out[k] = v
     # The released model registers the refinement heads under the decoder too.
     for name, present in (("bbox_embed", with_box_refine), ("class_embed", two_stage)):
-        if present and not KEEPS_DECODER_HEAD_ALIASES:
+        if present:
             for k in [k for k in out if k.startswith(name + ".")]:
                 out["transformer.decoder." + k] = out[k]
     return out

@@ -13,6 +13,7 @@ exported ONNX model.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import logging
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "for_each_batch",
     "for_each_image",
     "get_metadata",
+    "image_tool_parser",
     "list_images",
     "load_model",
     "output_path",
@@ -247,6 +249,25 @@ def load_model(cfg: CfgNode, *, allow_random_weights: bool = False) -> torch.nn.
     return model
 
 
+def image_tool_parser(description: str, output_help: str = "folder for the pictures",
+                      opts_option: bool = True) -> argparse.ArgumentParser:
+    """A parser for a drawing tool with the arguments of :func:`prepare`: ``--config-file``,
+    ``--input``, ``--output``, ``--allow-random-weights`` and the config KEY VALUE pairs
+    (``--opts``; without ``opts_option`` the tool adds its own). The tool adds the others."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="image files, folders or glob patterns (quote the globs)")
+    parser.add_argument("--output", required=True, help=output_help)
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="run even when MODEL.WEIGHTS is empty or leaves parameters of the "
+                             "model unloaded (random)")
+    if opts_option:
+        parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                            help="config KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
+    return parser
+
+
 def prepare(config_file: str, opts: Sequence[str], inputs: Sequence[str], output: str,
             allow_random_weights: bool = False, *, max_batch_size: int = 8,
             pad_batches: bool = False):
@@ -274,16 +295,8 @@ def for_each_image(images: Sequence[str], image_format: str,
     """Call ``handle(path, image)`` on each image; an image that cannot be read or handled
     (FileNotFoundError, ValueError) is reported by name and skipped. Returns the exit status:
     1 if any image failed, else 0."""
-    failed = 0
-    for path in images:
-        try:
-            handle(path, read_image_checked(path, image_format))
-        except (FileNotFoundError, ValueError) as e:
-            logger.error(str(e))
-            failed += 1
-    if failed:
-        logger.error(f"{failed} of {len(images)} images failed")
-    return 1 if failed else 0
+    return for_each_batch(images, image_format, 1, lambda batch: [None] * len(batch),
+                          lambda path, image, _: handle(path, image))
 
 
 def for_each_batch(images: Sequence[str], image_format: str, batch_size: int,

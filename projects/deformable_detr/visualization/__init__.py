@@ -1,6 +1,11 @@
 """Pictures of what a trained model detects and looks at (the paper's visualisation
 section): detections, attention sampling points and gradient maps."""
-from .attention import (
+import matplotlib
+
+# Before any module here imports pyplot: pictures go to files, no display is needed.
+matplotlib.use("Agg")
+
+from .attention import (  # noqa: E402
     MAX_ROWS,
     AttentionRecord,
     draw_attention,
@@ -11,14 +16,14 @@ from .attention import (
     visualize_image,
     write_attention_pictures,
 )
-from .detections import (
+from .detections import (  # noqa: E402
     MAX_PICTURE_SIDE,
     check_picture_size,
     default_scale,
     draw_detections,
     write_detection_pictures,
 )
-from .gradients import (
+from .gradients import (  # noqa: E402
     ELEMENTS,
     MAX_DETECTIONS,
     GradientMaps,

@@ -18,19 +18,17 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from detectron2.data import detection_utils as utils
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # files only, no display needed
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from detectron2.data import detection_utils as utils  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from ..layers import MSDeformAttn  # noqa: E402
-from ..modeling.postprocess import topk_query_classes  # noqa: E402
+from ..layers import MSDeformAttn
+from ..modeling.postprocess import topk_query_classes
 
 __all__ = [
     "MAX_ROWS",
@@ -269,7 +267,7 @@ def draw_attention(image_rgb: np.ndarray, rec: AttentionRecord, rows: List[dict]
     fig, axes = plt.subplots(len(rows), ncols, figsize=(2.6 * ncols + 1.0, 2.75 * len(rows)),
                              squeeze=False)
     vmax = max(float(rec.attention_weights[[r["query"] for r in rows]].max()), 1e-6)
-    norm = matplotlib.colors.Normalize(vmin=0.0, vmax=vmax)
+    norm = Normalize(vmin=0.0, vmax=vmax)
     for r, row in enumerate(rows):
         _draw_row(axes[r], image_rgb, rec, row["query"], to_pixels, row["title"],
                   box=row.get("box"), norm=norm, zoom=zoom)
@@ -284,7 +282,7 @@ def draw_attention(image_rgb: np.ndarray, rec: AttentionRecord, rows: List[dict]
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.04 if len(rows) > 1 else 0.08, 0.93, 0.96))
     cax = fig.add_axes((0.94, 0.15, 0.015, 0.7))
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="plasma"), cax=cax,
+    fig.colorbar(ScalarMappable(norm=norm, cmap="plasma"), cax=cax,
                  label="attention weight")
     return fig
 

@@ -23,17 +23,14 @@ import os
 from collections.abc import Sequence
 from typing import Dict, List, Optional, Tuple
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
+from torch import nn
 
 __all__ = [
     "ELEMENTS",
@@ -208,7 +205,7 @@ def draw_gradient_maps(image_rgb: np.ndarray, det: GradientMaps, class_name: str
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.8, ec="white",
                                ls=(0, (3, 3)), alpha=0.7))
         ax.set_title(f"{_TITLES[name]} ({name})", fontsize=9)
-        cbar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
+        cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax,
                             orientation="horizontal", fraction=0.06, pad=0.02, extend="max")
         # The values are tiny (a pixel moves a normalised box little): ticks in units of
         # 10^e, e written under the bar.
@@ -221,7 +218,7 @@ def draw_gradient_maps(image_rgb: np.ndarray, det: GradientMaps, class_name: str
         ax.set_xticks([])
         ax.set_yticks([])
     # The first panel gets an invisible colour bar too, so that all images line up.
-    fig.colorbar(matplotlib.cm.ScalarMappable(cmap=cmap), ax=axes[0], orientation="horizontal",
+    fig.colorbar(ScalarMappable(cmap=cmap), ax=axes[0], orientation="horizontal",
                  fraction=0.06, pad=0.02).ax.set_visible(False)
     fig.suptitle(title or "Gradient norm of each prediction element w.r.t. the input pixels "
                  f"(colour scales end at the {CLIP_PERCENTILE:g}th percentile)", fontsize=10)
