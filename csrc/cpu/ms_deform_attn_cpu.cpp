@@ -52,20 +52,6 @@ RangeFn<scalar_t, acc_t> select_kernel(int64_t D) {
   }
 }
 
-// The outputs are large (the encoder's are tens of MiB) and fresh: where Linux gives
-// transparent huge pages on request, ask for them, so that first writing the buffer costs a
-// page fault per 2 MiB instead of per 4 KiB (measured on the build machine: 45 MiB written
-// in 3-8 ms instead of 9-11 ms). Only a hint: errors are ignored.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-}
-
 // Uninitialised scratch memory for `count` elements of T from PyTorch's CPU allocator (so
 // that it shows in its memory accounting); freed with the returned pointer.
 template <typename T>
@@ -83,7 +69,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
       prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
   auto out = forward_output(a);
   if (a.empty()) return out;
-  advise_huge_pages(out);
+  cpu::advise_huge_pages(out);
   const Sizes& z = a.sizes;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
@@ -137,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
   auto b = backward_buffers(a, grad_output);
   if (!a.empty()) {
-    for (const auto* t : {&b.grad_value, &b.grad_loc, &b.grad_attn}) advise_huge_pages(*t);
+    for (const auto* t : {&b.grad_value, &b.grad_loc, &b.grad_attn}) cpu::advise_huge_pages(*t);
     const bool copy = cpu::copies_heads(a);
     // In place, the kernels sum into grad_value: zeroed here, after the advice, so that
     // zeroing it is what first touches its (huge) pages.
