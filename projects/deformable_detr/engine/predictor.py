@@ -290,6 +290,16 @@ def prepare(config_file: str, opts: Sequence[str], inputs: Sequence[str], output
     return cfg, images, predictor, metadata
 
 
+def prepare_or_report(*args, **kwargs):
+    """:func:`prepare`, or None after logging why nothing can run (the tools then exit with
+    status 2)."""
+    try:
+        return prepare(*args, **kwargs)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        logger.error(str(e))
+        return None
+
+
 def for_each_image(images: Sequence[str], image_format: str,
                    handle: Callable[[str, np.ndarray], None]) -> int:
     """Call ``handle(path, image)`` on each image; an image that cannot be read or handled

@@ -258,14 +258,12 @@ def write_gradient_pictures(config_file: str, opts: Sequence[str], inputs: Seque
         the exit status: 0, 1 if an image failed (reported by name), 2 if nothing could run
         (config, weights, inputs or output folder; reported).
     """
-    from ..engine.predictor import for_each_image, output_path, prepare
+    from ..engine.predictor import for_each_image, output_path, prepare_or_report
 
-    try:
-        cfg, images, predictor, metadata = prepare(config_file, opts, inputs, output,
-                                                   allow_random_weights)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        logger.error(str(e))
+    prepared = prepare_or_report(config_file, opts, inputs, output, allow_random_weights)
+    if prepared is None:
         return 2
+    cfg, images, predictor, metadata = prepared
     used: Dict[str, int] = {}
 
     def handle(path: str, image: np.ndarray) -> None:
