@@ -254,7 +254,7 @@ MSDA_ALWAYS_INLINE void backward_heads(int64_t begin, int64_t end,
   // With scratch (see copies_heads), the task's head of value and its gradient are
   // contiguous [S, D] copies. In the [S, M, D] layout every position of one head sits in its
   // own M*D row, so the scattered reads and sums would touch M times more cache lines and
-  // pages than they use (measured: twice as slow at the encoder shape, from TLB misses).
+  // pages than they use (TLB misses dominate at the encoder shape).
   // Where there are few samples (the decoder) the copies cost more than they save, and the
   // task reads value and sums into the zero-filled grad_value in place.
   acc_t* head_value = a.scratch ? a.scratch + at::get_thread_num() * 2 * z.S * D : nullptr;
