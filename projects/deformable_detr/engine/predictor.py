@@ -300,6 +300,23 @@ def prepare_or_report(*args, **kwargs):
         return None
 
 
+def run_on_images(config_file: str, opts: Sequence[str], inputs: Sequence[str], output: str,
+                  allow_random_weights: bool, make_handler: Callable) -> int:
+    """The per-image drawing tools: the model of ``config_file`` + ``opts`` (``MODEL.WEIGHTS``,
+    loaded safely), then ``make_handler(cfg, predictor, metadata)``'s handler called as
+    ``handle(path, image)`` on each image of ``inputs`` (files, folders, globs).
+
+    Returns:
+        the exit status: 0, 1 if an image failed (reported by name), 2 if nothing could run
+        (config, weights, inputs or output folder; reported).
+    """
+    prepared = prepare_or_report(config_file, opts, inputs, output, allow_random_weights)
+    if prepared is None:
+        return 2
+    cfg, images, predictor, metadata = prepared
+    return for_each_image(images, cfg.INPUT.FORMAT, make_handler(cfg, predictor, metadata))
+
+
 def for_each_image(images: Sequence[str], image_format: str,
                    handle: Callable[[str, np.ndarray], None]) -> int:
     """Call ``handle(path, image)`` on each image; an image that cannot be read or handled

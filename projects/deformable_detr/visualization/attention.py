@@ -361,31 +361,23 @@ def write_attention_pictures(config_file: str, opts: Sequence[str], inputs: Sequ
                              output: str, *, topk: int = 3, queries: Sequence[int] = (),
                              pixels: Sequence[Tuple[float, float]] = (), pixel_level: int = 0,
                              dpi: int = 110, allow_random_weights: bool = False) -> int:
-    """What ``tools/visualize_attention.py`` does: the model of ``config_file`` + ``opts``
-    (``MODEL.WEIGHTS``, loaded safely), then ``<name>_decoder.png`` and ``<name>_encoder.png``
-    (:func:`visualize_image`) for each image of ``inputs`` (files, folders, globs) in
-    ``output``.
+    """What ``tools/visualize_attention.py`` does: ``<name>_decoder.png`` and
+    ``<name>_encoder.png`` (:func:`visualize_image`) of each image in ``output``; returns the
+    exit status of :func:`~deformable_detr.engine.predictor.run_on_images`."""
+    from ..engine.predictor import output_path, run_on_images
 
-    Returns:
-        the exit status: 0, 1 if an image failed (reported by name), 2 if nothing could run
-        (config, weights, inputs or output folder; reported).
-    """
-    from ..engine.predictor import for_each_image, output_path, prepare_or_report
-
-    prepared = prepare_or_report(config_file, opts, inputs, output, allow_random_weights)
-    if prepared is None:
-        return 2
-    cfg, images, predictor, metadata = prepared
     used: Dict[str, int] = {}
 
-    def handle(path: str, image: np.ndarray) -> None:
-        figs = visualize_image(predictor, metadata, image, topk=topk, queries=queries,
-                               pixels=pixels, pixel_level=pixel_level,
-                               image_format=cfg.INPUT.FORMAT)
-        for fig, part in zip(figs, ("decoder", "encoder")):
-            out = output_path(output, path, used, suffix=f"_{part}")
-            fig.savefig(out, dpi=dpi)
-            plt.close(fig)
-            logger.info(f"{path}: {part} attention -> {out}")
+    def make_handler(cfg, predictor, metadata):
+        def handle(path: str, image: np.ndarray) -> None:
+            figs = visualize_image(predictor, metadata, image, topk=topk, queries=queries,
+                                   pixels=pixels, pixel_level=pixel_level,
+                                   image_format=cfg.INPUT.FORMAT)
+            for fig, part in zip(figs, ("decoder", "encoder")):
+                out = output_path(output, path, used, suffix=f"_{part}")
+                fig.savefig(out, dpi=dpi)
+                plt.close(fig)
+                logger.info(f"{path}: {part} attention -> {out}")
+        return handle
 
-    return for_each_image(images, cfg.INPUT.FORMAT, handle)
+    return run_on_images(config_file, opts, inputs, output, allow_random_weights, make_handler)

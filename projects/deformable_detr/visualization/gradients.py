@@ -250,28 +250,21 @@ def save_gradient_maps(output_dir: str, stem: str, image_rgb: np.ndarray,
 def write_gradient_pictures(config_file: str, opts: Sequence[str], inputs: Sequence[str],
                             output: str, *, queries: Sequence[int] = (), topk: int = 3,
                             dpi: int = 110, allow_random_weights: bool = False) -> int:
-    """What ``tools/visualize_gradients.py`` does: the model of ``config_file`` + ``opts``
-    (``MODEL.WEIGHTS``, loaded safely), then :func:`save_gradient_maps` for each image of
-    ``inputs`` (files, folders, globs) into ``output``.
+    """What ``tools/visualize_gradients.py`` does: :func:`save_gradient_maps` of each image
+    into ``output``; returns the exit status of
+    :func:`~deformable_detr.engine.predictor.run_on_images`."""
+    from ..engine.predictor import output_path, run_on_images
 
-    Returns:
-        the exit status: 0, 1 if an image failed (reported by name), 2 if nothing could run
-        (config, weights, inputs or output folder; reported).
-    """
-    from ..engine.predictor import for_each_image, output_path, prepare_or_report
-
-    prepared = prepare_or_report(config_file, opts, inputs, output, allow_random_weights)
-    if prepared is None:
-        return 2
-    cfg, images, predictor, metadata = prepared
     used: Dict[str, int] = {}
 
-    def handle(path: str, image: np.ndarray) -> None:
-        image_rgb, dets = image_gradient_maps(predictor, image, queries, topk)
-        stem = os.path.splitext(os.path.basename(output_path(output, path, used)))[0]
-        written = save_gradient_maps(output, stem, image_rgb, dets,
-                                     metadata.get("thing_classes", None), dpi=dpi)
-        logger.info(f"{path}: gradient maps of queries {[d.query for d in dets]} -> "
-                    f"{', '.join(p for p in written if p.endswith('.png'))}")
+    def make_handler(cfg, predictor, metadata):
+        def handle(path: str, image: np.ndarray) -> None:
+            image_rgb, dets = image_gradient_maps(predictor, image, queries, topk)
+            stem = os.path.splitext(os.path.basename(output_path(output, path, used)))[0]
+            written = save_gradient_maps(output, stem, image_rgb, dets,
+                                         metadata.get("thing_classes", None), dpi=dpi)
+            logger.info(f"{path}: gradient maps of queries {[d.query for d in dets]} -> "
+                        f"{', '.join(p for p in written if p.endswith('.png'))}")
+        return handle
 
-    return for_each_image(images, cfg.INPUT.FORMAT, handle)
+    return run_on_images(config_file, opts, inputs, output, allow_random_weights, make_handler)
