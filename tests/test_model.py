@@ -399,14 +399,7 @@ def test_compiled_and_pytorch_attention_agree(variant):
     cc = build(ATTN_IMPL="compiled", DROPOUT=0.0, **TINY_VARIANTS[variant])
     cc.load_state_dict(pt.state_dict())
     inputs = make_inputs()
-    losses_pt, losses_cc = pt(inputs), cc(inputs)
-    for k in losses_pt:
-        torch.testing.assert_close(losses_cc[k], losses_pt[k], atol=1e-5, rtol=1e-5)
-    sum(losses_pt.values()).backward()
-    sum(losses_cc.values()).backward()
-    for (name, p1), p2 in zip(pt.named_parameters(), cc.parameters()):
-        if p1.grad is not None:
-            torch.testing.assert_close(p2.grad, p1.grad, atol=1e-4, rtol=1e-3, msg=name)
+    assert_same_training_step(pt, cc, inputs)
     pt.eval()
     cc.eval()
     with torch.no_grad():
@@ -415,22 +408,28 @@ def test_compiled_and_pytorch_attention_agree(variant):
     torch.testing.assert_close(b["pred_logits"], a["pred_logits"], atol=1e-5, rtol=1e-5)
 
 
+def assert_same_training_step(reference, model, inputs):
+    """The same losses and parameter gradients from one training forward/backward."""
+    losses_ref, losses = reference(inputs), model(inputs)
+    for k in losses_ref:
+        torch.testing.assert_close(losses[k], losses_ref[k], atol=1e-5, rtol=1e-5)
+    sum(losses_ref.values()).backward()
+    sum(losses.values()).backward()
+    for (name, p1), p2 in zip(reference.named_parameters(), model.parameters()):
+        if p1.grad is not None:
+            torch.testing.assert_close(p2.grad, p1.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_backbone_channels_last_is_the_same_model():
-    ref = perturb(build(DROPOUT=0.0, WITH_BOX_REFINE=True))
+    ref = perturb(build(DROPOUT=0.0, WITH_BOX_REFINE=True, BACKBONE_CHANNELS_LAST=False))
+    ref_conv = next(m for m in ref.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not ref_conv.weight.is_contiguous(memory_format=torch.channels_last)
     cl = build(DROPOUT=0.0, WITH_BOX_REFINE=True, BACKBONE_CHANNELS_LAST=True)
     conv = next(m for m in cl.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     cl.load_state_dict(ref.state_dict())
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # kept on loading
-    inputs = make_inputs()
-    losses_ref, losses_cl = ref(inputs), cl(inputs)
-    for k in losses_ref:
-        torch.testing.assert_close(losses_cl[k], losses_ref[k], atol=1e-5, rtol=1e-5)
-    sum(losses_ref.values()).backward()
-    sum(losses_cl.values()).backward()
-    for (name, p1), p2 in zip(ref.named_parameters(), cl.parameters()):
-        if p1.grad is not None:
-            torch.testing.assert_close(p2.grad, p1.grad, atol=1e-4, rtol=1e-3, msg=name)
+    assert_same_training_step(ref, cl, make_inputs())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not has_compiled_op("cuda"),

@@ -19,13 +19,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_opts
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from PIL import Image
 from test_convert import synthetic_official
-from test_training import CONFIG, TINY, write_coco_split
+from test_training import CONFIG, TINY, registered_three_classes
 from test_training import tiny_cfg as training_cfg
 
 from deformable_detr.checkpoint import (
@@ -89,14 +87,9 @@ def demo_state_dict():
 
 @pytest.fixture(scope="module")
 def three_classes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco3")
-    cats = [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate("abc")]
-    json_file, image_root = write_coco_split(str(root), "train", 3, 0, cats)
-    name = "test_robustness_three_classes"
-    register_coco_instances(name, {}, json_file, image_root)
-    yield name
-    DatasetCatalog.remove(name)
-    MetadataCatalog.remove(name)
+    with registered_three_classes(tmp_path_factory.mktemp("coco3"),
+                                  "test_robustness_three_classes") as name:
+        yield name
 
 
 class Exploit:

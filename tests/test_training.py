@@ -1,5 +1,6 @@
 """train_net.py end to end on a tiny COCO-layout dataset: training, 2-process gloo training,
 kill and resume, --eval-only; plus the trainer's checks and the safe checkpointer."""
+import contextlib
 import json
 import math
 import os
@@ -225,15 +226,24 @@ def test_eval_only_uses_model_weights(tmp_path, datasets_root, monkeypatch):
 # ----------------------------------------------------------------------- trainer checks
 
 
+@contextlib.contextmanager
+def registered_three_classes(root, name: str):
+    """A 3-image COCO split of the classes a, b, c under ``root``, registered as ``name``
+    while the context lasts."""
+    cats = [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate("abc")]
+    json_file, image_root = write_coco_split(str(root), "train", 3, 0, cats)
+    register_coco_instances(name, {}, json_file, image_root)
+    try:
+        yield name
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
 @pytest.fixture
 def three_class_dataset(tmp_path):
-    cats = [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate("abc")]
-    json_file, image_root = write_coco_split(str(tmp_path), "train", 3, 0, cats)
-    name = "test_training_three_classes"
-    register_coco_instances(name, {}, json_file, image_root)
-    yield name
-    DatasetCatalog.remove(name)
-    MetadataCatalog.remove(name)
+    with registered_three_classes(tmp_path, "test_training_three_classes") as name:
+        yield name
 
 
 def tiny_cfg(tmp_path, dataset, opts=()):
