@@ -22,14 +22,12 @@ from .ms_deform_attn_op import has_compiled_op
 __all__ = ["Dropout", "fused_dropout", "has_fused_dropout"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_HAS_OP: bool | None = None
+# The extension is imported (or found missing) with ms_deform_attn_op: known at import.
+_HAS_OP = has_compiled_op("cpu") and hasattr(torch.ops.deformable_detr, "dropout_forward")
 
 
 def has_fused_dropout() -> bool:
     """Whether the compiled CPU dropout ops exist (an extension built with them)."""
-    global _HAS_OP
-    if _HAS_OP is None:
-        _HAS_OP = has_compiled_op("cpu") and hasattr(torch.ops.deformable_detr, "dropout_forward")
     return _HAS_OP
 
 
