@@ -38,10 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
     const at::Tensor& attn_weight, const at::Tensor& grad_output);
 
-// Checks ranks, sizes, dtypes and devices (what the kernels rely on for memory safety), with
-// the messages of the Python wrapper, which checks only the level contents on top, and
-// returns the inputs made contiguous, with the sampling locations and attention weights in
-// the accumulation dtype.
+// Asserts what the kernels rely on for memory safety (ranks, sizes, dtypes, one device; the
+// messages naming each problem come from the Python wrapper's check_inputs) and returns the
+// inputs made contiguous, with the sampling locations and attention weights in the
+// accumulation dtype.
 struct MSDeformAttnArgs {
   at::Tensor value, spatial_shapes, level_start_index, sampling_loc, attn_weight;
   Sizes sizes;

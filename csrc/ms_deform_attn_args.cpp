@@ -5,59 +5,43 @@
 
 #include <cstdint>
 #include <limits>
-#include <string>
-#include <utility>
 
 namespace deformable_detr {
-namespace {
 
-// A dtype as Python spells it ("torch.float32"), so that these messages read as those of the
-// PyTorch path (deformable_detr/layers/ms_deform_attn_op.py).
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble:
-      return "torch.float64";
-    case at::kFloat:
-      return "torch.float32";
-    case at::kHalf:
-      return "torch.float16";
-    case at::kBFloat16:
-      return "torch.bfloat16";
-    case at::kLong:
-      return "torch.int64";
-    case at::kInt:
-      return "torch.int32";
-    case at::kShort:
-      return "torch.int16";
-    case at::kChar:
-      return "torch.int8";
-    case at::kByte:
-      return "torch.uint8";
-    case at::kBool:
-      return "torch.bool";
-    default:
-      return std::string("torch.") + c10::toString(t);
-  }
-}
-
-}  // namespace
-
-// The compiled op's only input checks: the Python wrapper leaves ranks, sizes, dtypes and
-// devices to these, and adds just the level contents (see check_inputs there). The messages
-// are those of the PyTorch path, which cannot rely on the extension and checks for itself.
+// The kernels' preconditions: ranks, sizes that agree, dtypes and one device. They keep the
+// kernels' indexing inside the tensors on a direct call of torch.ops.deformable_detr.*.
+// Which input is wrong, in a message naming it, is the job of the one implementation of the
+// input checks, deformable_detr.layers.check_inputs, which both Python paths run first (the
+// PyTorch path has to work without this extension); so this is one check with one message.
 MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                 const at::Tensor& level_start_index,
                                 const at::Tensor& sampling_loc, const at::Tensor& attn_weight) {
-  TORCH_CHECK_VALUE(value.dim() == 4, "value must be [N, S, M, D], got ", value.sizes());
-  TORCH_CHECK_VALUE(sampling_loc.dim() == 6 && sampling_loc.size(5) == 2,
-                    "sampling_locations must be [N, Lq, M, L, P, 2], got ",
-                    sampling_loc.sizes());
-  TORCH_CHECK_VALUE(attn_weight.dim() == 5, "attention_weights must be [N, Lq, M, L, P], got ",
-                    attn_weight.sizes());
-  TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
-                    "spatial_shapes must be [L, 2] (H, W), got ", spatial_shapes.sizes());
-  TORCH_CHECK_VALUE(level_start_index.dim() == 1, "level_start_index must be [L], got ",
-                    level_start_index.sizes());
+  const auto dtype = value.scalar_type();
+  const bool reduced = dtype == at::kHalf || dtype == at::kBFloat16;
+  const auto device = value.device();
+  bool ok = value.dim() == 4 && sampling_loc.dim() == 6 && sampling_loc.size(5) == 2 &&
+            spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2 &&
+            level_start_index.dim() == 1 && at::isFloatingType(dtype) &&
+            spatial_shapes.scalar_type() == at::kLong &&
+            level_start_index.scalar_type() == at::kLong;
+  ok = ok && sampling_loc.size(0) == value.size(0) && sampling_loc.size(2) == value.size(2) &&
+       attn_weight.sizes() == sampling_loc.sizes().slice(0, 5) &&
+       spatial_shapes.size(0) == sampling_loc.size(3) &&
+       level_start_index.size(0) == sampling_loc.size(3);
+  for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_loc, &attn_weight}) {
+    ok = ok && t->device() == device;
+  }
+  for (const at::Tensor* t : {&sampling_loc, &attn_weight}) {
+    ok = ok && (t->scalar_type() == dtype || (reduced && t->scalar_type() == at::kFloat));
+  }
+  TORCH_CHECK_VALUE(ok,
+                    "ms_deform_attn: inputs of inconsistent ranks, sizes, dtypes or devices "
+                    "(value ", value.sizes(), " ", dtype, " on ", device, ", spatial_shapes ",
+                    spatial_shapes.sizes(), ", level_start_index ", level_start_index.sizes(),
+                    ", sampling_locations ", sampling_loc.sizes(), " ",
+                    sampling_loc.scalar_type(), ", attention_weights ", attn_weight.sizes(), " ",
+                    attn_weight.scalar_type(),
+                    "); deformable_detr.layers.check_inputs names the problem");
   MSDeformAttnArgs a;
   Sizes& z = a.sizes;
   z.N = value.size(0);
@@ -67,45 +51,10 @@ MSDeformAttnArgs prepare_inputs(const at::Tensor& value, const at::Tensor& spati
   z.Lq = sampling_loc.size(1);
   z.L = sampling_loc.size(3);
   z.P = sampling_loc.size(4);
-  TORCH_CHECK_VALUE(sampling_loc.size(0) == z.N, "batch size: value has N=", z.N,
-                    ", sampling_locations ", sampling_loc.sizes());
-  TORCH_CHECK_VALUE(sampling_loc.size(2) == z.M, "heads: value has M=", z.M,
-                    ", sampling_locations has M=", sampling_loc.size(2));
-  const auto loc_sizes = sampling_loc.sizes();
-  TORCH_CHECK_VALUE(attn_weight.sizes() == loc_sizes.slice(0, 5), "attention_weights ",
-                    attn_weight.sizes(), " must be sampling_locations' [N, Lq, M, L, P] = ",
-                    loc_sizes.slice(0, 5));
-  TORCH_CHECK_VALUE(spatial_shapes.size(0) == z.L && level_start_index.size(0) == z.L,
-                    "levels: sampling_locations has L=", z.L, ", spatial_shapes ",
-                    spatial_shapes.sizes(), ", level_start_index ", level_start_index.sizes());
-  for (const auto& [t, name] :
-       {std::pair<const at::Tensor*, const char*>{&spatial_shapes, "spatial_shapes"},
-        {&level_start_index, "level_start_index"}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, name, " must be int64, got ",
-                     dtype_name(t->scalar_type()));
-  }
-  const auto dtype = value.scalar_type();
-  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "value must be floating point, got ",
-                   dtype_name(dtype));
-  const auto device = value.device();
-  TORCH_CHECK_VALUE(spatial_shapes.device() == device && level_start_index.device() == device &&
-                        sampling_loc.device() == device && attn_weight.device() == device,
-                    "all inputs must be on one device, got value on ", device,
-                    ", spatial_shapes on ", spatial_shapes.device(), ", level_start_index on ",
-                    level_start_index.device(), ", sampling_locations on ",
-                    sampling_loc.device(), ", attention_weights on ", attn_weight.device());
-  const bool reduced = dtype == at::kHalf || dtype == at::kBFloat16;
-  const auto acc = reduced ? at::kFloat : dtype;
-  for (const auto& [t, name] :
-       {std::pair<const at::Tensor*, const char*>{&attn_weight, "attention_weights"},
-        {&sampling_loc, "sampling_locations"}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == dtype || (reduced && t->scalar_type() == at::kFloat),
-                     name, " dtype ", dtype_name(t->scalar_type()), " must equal the value dtype ",
-                     dtype_name(dtype), " (or be float32 when the value is float16/bfloat16)");
-  }
   // Positions are 32-bit in the kernels' inner loops.
   TORCH_CHECK_VALUE(z.S <= std::numeric_limits<int32_t>::max(),
                     "at most 2^31 - 1 value positions per image are supported, got S = ", z.S);
+  const auto acc = reduced ? at::kFloat : dtype;
   a.value = value.contiguous();
   a.spatial_shapes = spatial_shapes.contiguous();
   a.level_start_index = level_start_index.contiguous();

@@ -214,6 +214,30 @@ def test_validation_errors(fn, changes, error, match):
 
 
 @pytest.mark.parametrize(
+    "changes",
+    [
+        dict(spatial_shapes=torch.tensor([[6, 9], [3, 5]])),
+        dict(value=torch.rand(2, 73, 3, 8, dtype=torch.float64)),
+        dict(value=torch.rand(3, 73, 2, 8, dtype=torch.float64)),
+        dict(attention_weights=torch.rand(2, 5, 2, 3, 2, dtype=torch.float64)),
+        dict(value=torch.rand(2, 73, 16, dtype=torch.float64)),
+        dict(spatial_shapes=torch.tensor([[6, 9], [3, 5], [2, 2]], dtype=torch.int32)),
+        dict(attention_weights=torch.rand(2, 5, 2, 3, 4)),
+        dict(value=torch.randint(0, 3, (2, 73, 2, 8))),
+    ],
+)
+def test_direct_op_calls_are_guarded(changes):
+    """torch.ops.* skips the Python checks: the kernels still refuse what they cannot index."""
+    args = list(_bad(**changes).values())
+    grad_out = torch.rand(2, 5, 16, dtype=torch.float64)
+    ops = torch.ops.deformable_detr
+    for call in (lambda: ops.ms_deform_attn_forward(*args),
+                 lambda: ops.ms_deform_attn_backward(*args, grad_out)):
+        with pytest.raises(ValueError, match="check_inputs names the problem"):
+            call()
+
+
+@pytest.mark.parametrize(
     "shapes_list,error,match",
     [
         ([(6, 9), (3, 5), (2, 3)], ValueError, "sum of H\\*W"),

@@ -137,10 +137,10 @@ def _check_tensors(value, spatial_shapes, level_start_index, sampling_locations,
                    attention_weights) -> None:
     """Ranks, sizes, dtypes (under autocast: after its casts) and devices.
 
-    The PyTorch path's checks: it has to work without the extension. The compiled op makes
-    the same checks, with the same messages, in C++ (``prepare_inputs`` in
-    csrc/ms_deform_attn_args.cpp), where they also guard direct calls of
-    ``torch.ops.deformable_detr.*``; its wrapper does not repeat them here.
+    The one implementation of these checks, for both paths (the PyTorch path has to work
+    without the extension). The compiled op asserts the same preconditions in C++
+    (``prepare_inputs`` in csrc/ms_deform_attn_args.cpp) as one memory-safety guard for
+    direct calls of ``torch.ops.deformable_detr.*``, whose message points here.
     """
     if value.dim() != 4:
         raise ValueError(f"value must be [N, S, M, D], got {_shape(value)}")
@@ -348,8 +348,8 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     through ``torch.compile`` and ``torch.export`` as the custom op
     ``torch.ops.deformable_detr.ms_deform_attn_forward``.
     """
-    _check_are_tensors(value, spatial_shapes, level_start_index, sampling_locations,
-                       attention_weights)
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                 attention_weights, spatial_shapes_list=spatial_shapes_list)
     if not has_compiled_op(value.device):
         reason = (f"the extension failed to import ({_IMPORT_ERROR})" if not _COMPILED
                   else f"it was built without {value.device.type} kernels")
@@ -358,11 +358,6 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
             f"{reason}. Rebuild with `pip install -e .` (FORCE_CUDA=1 for CUDA), or use "
             "ms_deform_attn_pytorch / MODEL.DEFORMABLE_DETR.ATTN_IMPL 'pytorch'."
         )
-    # The op checks ranks, sizes, dtypes and devices (in C++, after any autocast casts);
-    # the level contents, which need those checked, are checked here after it.
-    out = torch.ops.deformable_detr.ms_deform_attn_forward(
+    return torch.ops.deformable_detr.ms_deform_attn_forward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
-    _check_level_contents(value, spatial_shapes, level_start_index, sampling_locations,
-                          spatial_shapes_list)
-    return out
