@@ -414,8 +414,8 @@ def test_coexists_with_the_main_extension(emu):
 MUTANTS = {
     # Lanes whose group is past the end leave the grid-stride loop: the group's shuffles then
     # name lanes that have exited (CUDA: undefined), which the emulator reports.
-    "loop_exit": ([Mutation(r"(const bool active = g < loop\.num_groups;)",
-                            r"\1\n    if (!active) break;", count=2, regex=True)],
+    "loop_exit": ([Mutation(r"(const QueryGroup<index_t> group = groups\.at\(first\);)",
+                            r"\1\n    if (!group.active) break;", count=2, regex=True)],
                   "deadlock", False),
     # A field of the sample broadcast without the group width: every group reads the first
     # group's fractional part (positions stay in bounds, so only the values go wrong).

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/isa_dispatch.h"
 #include "cpu/ms_deform_attn_cpu_kernels.h"
@@ -52,6 +53,22 @@ RangeFn<scalar_t, acc_t> select_kernel(int64_t D) {
   }
 }
 
+// Calls body(k, fn) for the value's dtype: k the kernel arguments of `a` (outputs and scratch
+// left for the body to set), of type cpu::KernelArgs<scalar_type, acc_type>, where acc_type
+// is the accumulation dtype (float32 for half inputs); fn the kernel of `pass` for D channels.
+template <Pass pass, typename Body>
+void with_kernel(const MSDeformAttnArgs& a, const Body& body) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.value.scalar_type(),
+      pass == Pass::kForward ? "ms_deform_attn_forward_cpu" : "ms_deform_attn_backward_cpu",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const cpu::SampleLevels<acc_t> levels(a);
+        auto k = cpu::kernel_args<scalar_t, acc_t>(a, levels);
+        body(k, select_kernel<pass, scalar_t, acc_t>(a.sizes.D));
+      });
+}
+
 // Uninitialised scratch memory for `count` elements of T from PyTorch's CPU allocator (so
 // that it shows in its memory accounting); freed with the returned pointer.
 template <typename T>
@@ -71,47 +88,43 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   if (a.empty()) return out;
   cpu::advise_huge_pages(out);
   const Sizes& z = a.sizes;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const cpu::SampleLevels<acc_t> levels(a);
-        auto k = cpu::kernel_args<scalar_t, acc_t>(a, levels);
-        k.out = out.data_ptr<scalar_t>();
-        const auto fn = select_kernel<Pass::kForward, scalar_t, acc_t>(z.D);
-        // One head at a time: a run of queries of that head then reads a buffer the size
-        // of a head's value (the encoder's: 2.8 MiB), just written by the copy and reused
-        // for every head and image. A copy of all heads (22.7 MiB) would have left the
-        // cache before its last head is read, and costs page faults where the allocator
-        // hands out fresh pages.
-        const bool copy = cpu::copies_heads(a);
-        const at::DataPtr head_memory = scratch_memory<acc_t>(copy ? z.S * z.D : 0);
-        acc_t* const head_value = static_cast<acc_t*>(head_memory.get());
-        // Rows are cheap to split: a few thousand samples per block.
-        const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, z.L * z.P));
-        for (k.n = 0; k.n < z.N; ++k.n) {
-          const scalar_t* value_n = k.value + k.n * z.S * z.M * z.D;
-          if (!copy) {
-            k.head_value = cpu::same_type_or_null<acc_t>(value_n);
-            k.head_stride = z.D;
-            k.row_stride = z.M * z.D;
-            cpu::parallel_blocks(z.M * z.Lq, block,
-                                 [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
-            continue;
-          }
-          // Every head finds its values at head_value.
-          k.head_value = head_value;
-          k.head_stride = 0;
-          k.row_stride = z.D;
-          for (int64_t m = 0; m < z.M; ++m) {
-            at::parallel_for(0, z.S, 2048, [&](int64_t lo, int64_t hi) {
-              cpu::copy_head(value_n, m, lo, hi, z, head_value);
-            });
-            cpu::parallel_blocks(z.Lq, block, [&](int64_t lo, int64_t hi) {
-              fn(m * z.Lq + lo, m * z.Lq + hi, k);
-            });
-          }
-        }
-      });
+  with_kernel<Pass::kForward>(a, [&](auto& k, const auto fn) {
+    using scalar_t = typename std::decay_t<decltype(k)>::scalar_type;
+    using acc_t = typename std::decay_t<decltype(k)>::acc_type;
+    k.out = out.data_ptr<scalar_t>();
+    // One head at a time: a run of queries of that head then reads a buffer the size
+    // of a head's value (the encoder's: 2.8 MiB), just written by the copy and reused
+    // for every head and image. A copy of all heads (22.7 MiB) would have left the
+    // cache before its last head is read, and costs page faults where the allocator
+    // hands out fresh pages.
+    const bool copy = cpu::copies_heads(a);
+    const at::DataPtr head_memory = scratch_memory<acc_t>(copy ? z.S * z.D : 0);
+    acc_t* const head_value = static_cast<acc_t*>(head_memory.get());
+    // Rows are cheap to split: a few thousand samples per block.
+    const int64_t block = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, z.L * z.P));
+    for (k.n = 0; k.n < z.N; ++k.n) {
+      const scalar_t* value_n = k.value + k.n * z.S * z.M * z.D;
+      if (!copy) {
+        k.head_value = cpu::same_type_or_null<acc_t>(value_n);
+        k.head_stride = z.D;
+        k.row_stride = z.M * z.D;
+        cpu::parallel_blocks(z.M * z.Lq, block, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
+        continue;
+      }
+      // Every head finds its values at head_value.
+      k.head_value = head_value;
+      k.head_stride = 0;
+      k.row_stride = z.D;
+      for (int64_t m = 0; m < z.M; ++m) {
+        at::parallel_for(0, z.S, 2048, [&](int64_t lo, int64_t hi) {
+          cpu::copy_head(value_n, m, lo, hi, z, head_value);
+        });
+        cpu::parallel_blocks(z.Lq, block, [&](int64_t lo, int64_t hi) {
+          fn(m * z.Lq + lo, m * z.Lq + hi, k);
+        });
+      }
+    }
+  });
   return out;
 }
 
@@ -129,23 +142,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     // zeroing it is what first touches its (huge) pages.
     if (!copy) b.grad_value.zero_();
     const Sizes& z = a.sizes;
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const cpu::SampleLevels<acc_t> levels(a);
-          auto k = cpu::kernel_args<scalar_t, acc_t>(a, levels);
-          k.grad_out = b.grad_output.data_ptr<scalar_t>();
-          k.grad_value = b.grad_value.data_ptr<acc_t>();
-          k.grad_loc = b.grad_loc.data_ptr<acc_t>();
-          k.grad_attn = b.grad_attn.data_ptr<acc_t>();
-          // Uninitialised: the pages of threads that get no task are never touched.
-          const at::DataPtr scratch =
-              scratch_memory<acc_t>(copy ? at::get_num_threads() * 2 * z.S * z.D : 0);
-          k.scratch = static_cast<acc_t*>(scratch.get());
-          const auto fn = select_kernel<Pass::kBackward, scalar_t, acc_t>(z.D);
-          // One (n, m) pair per block: its results do not depend on which thread runs it.
-          cpu::parallel_blocks(z.N * z.M, 1, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
-        });
+    with_kernel<Pass::kBackward>(a, [&](auto& k, const auto fn) {
+      using scalar_t = typename std::decay_t<decltype(k)>::scalar_type;
+      using acc_t = typename std::decay_t<decltype(k)>::acc_type;
+      k.grad_out = b.grad_output.data_ptr<scalar_t>();
+      k.grad_value = b.grad_value.data_ptr<acc_t>();
+      k.grad_loc = b.grad_loc.data_ptr<acc_t>();
+      k.grad_attn = b.grad_attn.data_ptr<acc_t>();
+      // Uninitialised: the pages of threads that get no task are never touched.
+      const at::DataPtr scratch =
+          scratch_memory<acc_t>(copy ? at::get_num_threads() * 2 * z.S * z.D : 0);
+      k.scratch = static_cast<acc_t*>(scratch.get());
+      // One (n, m) pair per block: its results do not depend on which thread runs it.
+      cpu::parallel_blocks(z.N * z.M, 1, [&](int64_t lo, int64_t hi) { fn(lo, hi, k); });
+    });
   }
   return backward_result(b, value, sampling_loc, attn_weight);
 }

@@ -64,6 +64,8 @@ struct SampleLevels {
 
 template <typename scalar_t, typename acc_t>
 struct KernelArgs {
+  using scalar_type = scalar_t;
+  using acc_type = acc_t;
   const scalar_t* value;
   const int64_t* shapes;
   const int64_t* starts;

@@ -112,6 +112,51 @@ struct GroupLoop {
   }
 };
 
+// One (n, q, m) of the forward and backward kernels, as one lane of its group sees it.
+template <typename index_t>
+struct QueryGroup {
+  bool active;           // false past the last group: the lane still joins the shuffles
+  index_t nqm;           // (n * Lq + q) * M + m; 0 where inactive, so reads stay in bounds
+  index_t n, m;
+  index_t value_offset;  // of value[n, 0, m, 0]: (n * S * M + m) * D
+};
+
+// The groups of the forward and backward kernels, one per (n, q, m), and the sizes both use.
+// Both loop as
+//   for (first = warp_first; first < num_groups; first += stride) { group = at(first); ... }
+// the bound being the warp's first group, so all lanes of a warp run the same iterations and
+// join every shuffle: a lane whose group lies past the end gets active false and must stay in
+// the loop (leaving it would leave its group's shuffles waiting on it).
+template <typename index_t, int VEC>
+struct QueryGroups : GroupLoop<index_t> {
+  int LP;          // samples per (n, q, m): L * P
+  index_t D, M, S, LqM;
+  index_t chunks;  // VEC-channel chunks of a head
+  index_t row;     // stride of one value position: M * D
+
+  __device__ __forceinline__ QueryGroups(const Sizes& z, int G)
+      : GroupLoop<index_t>(G, static_cast<index_t>(z.N * z.Lq * z.M)),
+        LP(static_cast<int>(z.L * z.P)),
+        D(z.D),
+        M(z.M),
+        S(z.S),
+        LqM(z.Lq * z.M),
+        chunks(D / VEC),
+        row(M * D) {}
+
+  // This lane's group in the iteration whose warp starts at group `first`.
+  __device__ __forceinline__ QueryGroup<index_t> at(index_t first) const {
+    QueryGroup<index_t> r;
+    const index_t g = first + this->group_in_warp;  // (n * Lq + q) * M + m
+    r.active = g < this->num_groups;
+    r.nqm = r.active ? g : 0;
+    r.n = r.nqm / LqM;
+    r.m = r.nqm % M;
+    r.value_offset = (r.n * S * M + r.m) * D;
+    return r;
+  }
+};
+
 // A lane without a sample: no corners, zero weights.
 template <typename acc_t>
 __device__ __forceinline__ void no_sample(BilinearCorners<acc_t>& c, int32_t (&pos)[4]) {
@@ -202,41 +247,33 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                    const int64_t* __restrict__ starts, const acc_t* __restrict__ loc,
                    const acc_t* __restrict__ attn, scalar_t* __restrict__ out, Sizes z, int G) {
-  const GroupLoop<index_t> loop(G, static_cast<index_t>(z.N * z.Lq * z.M));
-  const int lane = loop.lane;
-  const int LP = static_cast<int>(z.L * z.P);
-  const index_t D = z.D, M = z.M, S = z.S, LqM = z.Lq * z.M;
-  const index_t chunks = D / VEC;
-  const index_t row = M * D;  // stride of one value position
-  for (index_t first = loop.warp_first; first < loop.num_groups; first += loop.stride) {
-    const index_t g = first + loop.group_in_warp;  // (n * Lq + q) * M + m
-    const bool active = g < loop.num_groups;
-    const index_t nqm = active ? g : 0;
-    const index_t n = nqm / LqM, m = nqm % M;
-    const scalar_t* v_nm = value + (n * S * M + m) * D;
-    for (index_t round = 0; round < chunks; round += G) {
-      const index_t chunk = round + lane;
-      const bool has_chunk = active && chunk < chunks;
+  const QueryGroups<index_t, VEC> groups(z, G);
+  for (index_t first = groups.warp_first; first < groups.num_groups; first += groups.stride) {
+    const QueryGroup<index_t> group = groups.at(first);
+    const scalar_t* v_nm = value + group.value_offset;
+    for (index_t round = 0; round < groups.chunks; round += G) {
+      const index_t chunk = round + groups.lane;
+      const bool has_chunk = group.active && chunk < groups.chunks;
       const index_t channel = chunk * VEC;
       acc_t acc[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[e] = acc_t(0);
-      for (int i0 = 0; i0 < LP; i0 += G) {
+      for (int i0 = 0; i0 < groups.LP; i0 += G) {
         // This lane locates sample i0 + lane; the group reads them in turn.
-        const int i = i0 + lane;
+        const int i = i0 + groups.lane;
         int32_t pos[4];
         int32_t width = 0;
         BilinearCorners<acc_t> c;
         acc_t a = acc_t(0);
-        if (active && i < LP) {
-          const index_t s = nqm * LP + i;
+        if (group.active && i < groups.LP) {
+          const index_t s = group.nqm * groups.LP + i;
           locate<acc_t>(shapes, starts, z.S, i / z.P, loc[2 * s], loc[2 * s + 1], c, pos, width);
           a = attn[s];
         } else {
           no_sample(c, pos);
         }
         const SampleMessage<acc_t> mine = make_message(c, pos, width, a);
-        const int count = min(G, LP - i0);
+        const int count = min(G, groups.LP - i0);
         for (int k = 0; k < count; ++k) {
           const SampleMessage<acc_t> m = broadcast(mine, k, G);
           BilinearCorners<acc_t> ck;
@@ -248,13 +285,13 @@ __global__ void __launch_bounds__(kThreads)
             if (pk[j] < 0) continue;
             const acc_t w = m.a * ck.weight[j];
             acc_t v[VEC];
-            load_vec<VEC>(v_nm + pk[j] * row + channel, v);
+            load_vec<VEC>(v_nm + pk[j] * groups.row + channel, v);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) acc[e] += w * v[e];
           }
         }
       }
-      if (has_chunk) store_vec<VEC>(out + nqm * D + channel, acc);
+      if (has_chunk) store_vec<VEC>(out + group.nqm * groups.D + channel, acc);
     }
   }
 }
@@ -279,25 +316,16 @@ __global__ void __launch_bounds__(kThreads)
                     acc_t* __restrict__ grad_value, acc_t* __restrict__ grad_loc,
                     acc_t* __restrict__ grad_attn, int64_t* __restrict__ row_key,
                     acc_t* __restrict__ row_coef, Sizes z, int G) {
-  const GroupLoop<index_t> loop(G, static_cast<index_t>(z.N * z.Lq * z.M));
-  const int lane = loop.lane;
-  const int LP = static_cast<int>(z.L * z.P);
-  const index_t D = z.D, M = z.M, S = z.S, LqM = z.Lq * z.M;
-  const index_t chunks = D / VEC;
-  const index_t row = M * D;  // stride of one value position
-  for (index_t first = loop.warp_first; first < loop.num_groups; first += loop.stride) {
-    const index_t g = first + loop.group_in_warp;
-    const bool active = g < loop.num_groups;
-    const index_t nqm = active ? g : 0;
-    const index_t n = nqm / LqM, m = nqm % M;
-    const index_t offset_nm = (n * S * M + m) * D;
-    const scalar_t* v_nm = value + offset_nm;
-    acc_t* gv_nm = grad_value + offset_nm;
-    const scalar_t* go = grad_out + nqm * D;
-    for (int i0 = 0; i0 < LP; i0 += G) {
-      const int i = i0 + lane;
-      const bool owns = active && i < LP;  // this lane's sample: s
-      const index_t s = nqm * LP + i;
+  const QueryGroups<index_t, VEC> groups(z, G);
+  for (index_t first = groups.warp_first; first < groups.num_groups; first += groups.stride) {
+    const QueryGroup<index_t> group = groups.at(first);
+    const scalar_t* v_nm = value + group.value_offset;
+    acc_t* gv_nm = grad_value + group.value_offset;
+    const scalar_t* go = grad_out + group.nqm * groups.D;
+    for (int i0 = 0; i0 < groups.LP; i0 += G) {
+      const int i = i0 + groups.lane;
+      const bool owns = group.active && i < groups.LP;  // this lane's sample: s
+      const index_t s = group.nqm * groups.LP + i;
       int32_t pos[4];
       int32_t width = 0;
       BilinearCorners<acc_t> c;
@@ -315,10 +343,10 @@ __global__ void __launch_bounds__(kThreads)
       // channels: each is linear in the corners' <grad_out, value>, so every lane forms them
       // from its own channels and the group sums three numbers instead of four.
       acc_t sum_attn = acc_t(0), sum_h = acc_t(0), sum_w = acc_t(0);
-      const int count = min(G, LP - i0);
-      for (index_t round = 0; round < chunks; round += G) {
-        const index_t chunk = round + lane;
-        const bool has_chunk = active && chunk < chunks;
+      const int count = min(G, groups.LP - i0);
+      for (index_t round = 0; round < groups.chunks; round += G) {
+        const index_t chunk = round + groups.lane;
+        const bool has_chunk = group.active && chunk < groups.chunks;
         const index_t channel = chunk * VEC;
         acc_t gout[VEC];
         if (has_chunk) {
@@ -338,12 +366,12 @@ __global__ void __launch_bounds__(kThreads)
             for (int j = 0; j < 4; ++j) {
               if (pk[j] < 0) continue;
               acc_t v[VEC];
-              load_vec<VEC>(v_nm + pk[j] * row + channel, v);
+              load_vec<VEC>(v_nm + pk[j] * groups.row + channel, v);
 #pragma unroll
               for (int e = 0; e < VEC; ++e) dot[j] += gout[e] * v[e];
               if (row_key == nullptr) {
                 const acc_t w = m.a * ck.weight[j];
-                acc_t* gv = gv_nm + pk[j] * row + channel;
+                acc_t* gv = gv_nm + pk[j] * groups.row + channel;
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) atomicAdd(gv + e, w * gout[e]);
               }
@@ -356,7 +384,7 @@ __global__ void __launch_bounds__(kThreads)
                                          G);
           d_h = group_sum(d_h, G);
           d_w = group_sum(d_w, G);
-          if (lane == k) {
+          if (groups.lane == k) {
             sum_attn += g_attn;
             sum_h += d_h;
             sum_w += d_w;
@@ -379,7 +407,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < 4; ++j) {
           // grad_value[n, p, m, :] is row (n * S + p) * M + m of D channels.
           row_key[4 * s + j] =
-              pos[j] >= 0 ? (static_cast<int64_t>(n) * z.S + pos[j]) * z.M + m : kNoRow;
+              pos[j] >= 0 ? (static_cast<int64_t>(group.n) * z.S + pos[j]) * z.M + group.m
+                          : kNoRow;
           row_coef[4 * s + j] = a * c.weight[j];
         }
       }
