@@ -20,6 +20,7 @@ layer, as the decoder gets the heads as forward arguments.
 from __future__ import annotations
 
 import re
+import string
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -69,46 +70,49 @@ _BASIC_RESNET_DEPTHS = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}
 # --------------------------------------------------------------------------------------------
 # Backbone names
 # --------------------------------------------------------------------------------------------
+# One table for both directions: (torchvision's name, detectron2's), with the {fields} that
+# carry over. Stages count from 1 in torchvision ("layer1") and from 2 in detectron2 ("res2").
+_RESNET_NAMES = (
+    ("conv1.weight", "stem.conv1.weight"),
+    ("bn1.{param}", "stem.conv1.norm.{param}"),
+    ("layer{stage}.{block}.conv{i}.weight", "res{stage}.{block}.conv{i}.weight"),
+    ("layer{stage}.{block}.bn{i}.{param}", "res{stage}.{block}.conv{i}.norm.{param}"),
+    ("layer{stage}.{block}.downsample.0.weight", "res{stage}.{block}.shortcut.weight"),
+    ("layer{stage}.{block}.downsample.1.{param}", "res{stage}.{block}.shortcut.norm.{param}"),
+)
+_NAME_FIELDS = {"stage": r"\d", "block": r"\d+", "i": r"\d", "param": r"\w+"}
+
+
+def _name_pattern(template: str) -> re.Pattern:
+    return re.compile("".join(
+        re.escape(literal) + (f"(?P<{field}>{_NAME_FIELDS[field]})" if field else "")
+        for literal, field, _, _ in string.Formatter().parse(template)
+    ))
+
+
+def _rename_resnet(name: str, source: int, stage_shift: int) -> str:
+    for names in _RESNET_NAMES:
+        m = _name_pattern(names[source]).fullmatch(name)
+        if m:
+            fields = m.groupdict()
+            if "stage" in fields:
+                fields["stage"] = int(fields["stage"]) + stage_shift
+            return names[1 - source].format(**fields)
+    raise KeyError(name)
+
+
 def torchvision_resnet_to_detectron2(name: str) -> str:
     """One torchvision ResNet parameter name (without prefix) -> detectron2's.
 
     Raises:
         KeyError: not a ResNet parameter name.
     """
-    if name == "conv1.weight":
-        return "stem.conv1.weight"
-    m = re.fullmatch(r"bn1\.(\w+)", name)
-    if m:
-        return f"stem.conv1.norm.{m.group(1)}"
-    m = re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", name)
-    if m:
-        stage, block, rest = int(m.group(1)) + 1, m.group(2), m.group(3)
-        for pattern, repl in ((r"conv(\d)\.weight", r"conv\1.weight"),
-                              (r"bn(\d)\.(\w+)", r"conv\1.norm.\2"),
-                              (r"downsample\.0\.weight", "shortcut.weight"),
-                              (r"downsample\.1\.(\w+)", r"shortcut.norm.\1")):
-            if re.fullmatch(pattern, rest):
-                return f"res{stage}.{block}." + re.sub(pattern, repl, rest)
-    raise KeyError(name)
+    return _rename_resnet(name, 0, 1)
 
 
 def detectron2_resnet_to_torchvision(name: str) -> str:
     """The inverse of :func:`torchvision_resnet_to_detectron2`."""
-    if name == "stem.conv1.weight":
-        return "conv1.weight"
-    m = re.fullmatch(r"stem\.conv1\.norm\.(\w+)", name)
-    if m:
-        return f"bn1.{m.group(1)}"
-    m = re.fullmatch(r"res(\d)\.(\d+)\.(.+)", name)
-    if m:
-        stage, block, rest = int(m.group(1)) - 1, m.group(2), m.group(3)
-        for pattern, repl in ((r"conv(\d)\.weight", r"conv\1.weight"),
-                              (r"conv(\d)\.norm\.(\w+)", r"bn\1.\2"),
-                              (r"shortcut\.weight", "downsample.0.weight"),
-                              (r"shortcut\.norm\.(\w+)", r"downsample.1.\1")):
-            if re.fullmatch(pattern, rest):
-                return f"layer{stage}.{block}." + re.sub(pattern, repl, rest)
-    raise KeyError(name)
+    return _rename_resnet(name, 1, -1)
 
 
 # --------------------------------------------------------------------------------------------
