@@ -41,6 +41,9 @@ Workloads (each side reads the config files of its own tree):
 - ``train``: the same model and image with 5 seeded random target boxes, one training
   iteration at batch 1: forward with losses, backward, ``Trainer.build_optimizer`` step.
 
+Each side turns on its tree's CPU memory cache (``deformable_detr.utils.cpu_memory``) where
+it has one, as that tree's tools, predictor and trainer do; the table prints whether it is on.
+
 Reading the table: seconds per iteration (median and minimum over the repeats of
 ``chunk time / iterations``) and ``ratio = baseline median / new median``: above 1 the new
 code is faster (1.25 = the baseline takes 25 % longer). The first chunks after the warm-up
@@ -117,6 +120,13 @@ add_deformable_detr_config(cfg)
 cfg.merge_from_file(os.path.join(tree, args["config"]))
 workload = args["workload"]
 info = {"file": where, "torch": torch.__version__, "threads": torch.get_num_threads()}
+# The tree's CPU memory set-up where it has one, as its tools and predictor use it.
+try:
+    from deformable_detr.utils.cpu_memory import enable_cpu_memory_cache
+except ImportError:
+    info["cpu_memory_cache"] = None
+else:
+    info["cpu_memory_cache"] = enable_cpu_memory_cache()
 
 if workload == "demo":
     from deformable_detr.data import register_shapes_dataset
@@ -401,7 +411,8 @@ def run_workload(workload, trees, args, shapes_root):
                                        shapes_root if workload == "demo" else None)
             for child in children.values():
                 child.wait_ready()
-                print(f"  {child.name}: deformable_detr from {child.info['file']}", flush=True)
+                print(f"  {child.name}: deformable_detr from {child.info['file']}, CPU memory "
+                      f"cache: {child.info.get('cpu_memory_cache')}", flush=True)
             times = {name: [] for name in children}
             order = ["baseline", "new"]
             for r in range(args.repeats):

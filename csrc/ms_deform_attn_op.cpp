@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/huge_page_cache.h"
 #include "ms_deform_attn.h"
 
 TORCH_LIBRARY(deformable_detr, m) {
@@ -39,5 +40,20 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace dd = deformable_detr;
   m.def("build_info", &build_info, "What this extension was compiled with.");
+  // deformable_detr.utils.cpu_memory wraps these (see csrc/cpu/huge_page_cache.h).
+  m.def("enable_huge_page_cache", &dd::enable_huge_page_cache, pybind11::arg("max_cached_bytes"));
+  m.def("disable_huge_page_cache", &dd::disable_huge_page_cache);
+  m.def("huge_page_cache_enabled", &dd::huge_page_cache_enabled);
+  m.def("empty_huge_page_cache", &dd::empty_huge_page_cache);
+  m.def("huge_page_cache_stats", [] {
+    const dd::HugePageCacheStats s = dd::huge_page_cache_stats();
+    pybind11::dict d;
+    d["reserved_bytes"] = s.reserved_bytes;
+    d["cached_bytes"] = s.cached_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  });
 }

@@ -22,6 +22,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import CheckpointError, class_head_options, load_inference_weights
 from ..config import add_deformable_detr_config
+from ..utils.cpu_memory import enable_cpu_memory_cache
 from .launch import launch
 from .trainer import Trainer
 
@@ -98,9 +99,12 @@ def default_argument_parser() -> argparse.ArgumentParser:
 
 def setup(args: argparse.Namespace) -> CfgNode:
     """The frozen config of ``args`` (``--config-file`` and the trailing options), with
-    detectron2's ``default_setup`` (logs, config copy in ``OUTPUT_DIR``, seeds) done."""
+    detectron2's ``default_setup`` (logs, config copy in ``OUTPUT_DIR``, seeds) done, and on
+    the CPU :func:`~deformable_detr.utils.cpu_memory.enable_cpu_memory_cache`."""
     cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
+    if cfg.MODEL.DEVICE == "cpu":
+        enable_cpu_memory_cache()
     # The package's own messages (checkpoint fallbacks, dropped annotations) in the log too.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="deformable_detr")
     if not torch.cuda.is_available():

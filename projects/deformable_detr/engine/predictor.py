@@ -30,6 +30,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..checkpoint import CheckpointError, class_head_options, load_inference_weights
 from ..data import build_detr_augmentation, read_image_checked
+from ..utils.cpu_memory import enable_cpu_memory_cache
 from .defaults import setup_cfg
 
 __all__ = [
@@ -235,8 +236,11 @@ class Predictor(BatchPredictor):
 
 def load_model(cfg: CfgNode, *, allow_random_weights: bool = False) -> torch.nn.Module:
     """The model of ``cfg`` in eval mode with ``MODEL.WEIGHTS`` loaded by
-    :func:`deformable_detr.checkpoint.load_inference_weights` (errors as :class:`Predictor`)."""
+    :func:`deformable_detr.checkpoint.load_inference_weights` (errors as :class:`Predictor`).
+    On the CPU it turns on :func:`~deformable_detr.utils.cpu_memory.enable_cpu_memory_cache`."""
     check_weights(cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.DEVICE == "cpu":
+        enable_cpu_memory_cache()
     model = build_model(cfg).eval()
     try:
         load_inference_weights(model, cfg.MODEL.WEIGHTS,
