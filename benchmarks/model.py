@@ -38,6 +38,12 @@ intra-op threads, top-k and ``detector_postprocess``, i.e. what the eager call d
 normalisation (which is inside the graph). Needs the ``export`` extra (onnx, onnxruntime,
 onnxscript).
 
+On the CPU each implementation runs with the allocator its users get
+(``--cpu-memory-cache ours``, the default): our models with the huge-page cache of
+``deformable_detr.utils.cpu_memory`` (our predictor, tools and trainer turn it on), the others
+(onnxruntime, Hugging Face) with PyTorch's allocator; ``all`` gives every implementation the
+cache, ``off`` none.
+
 ``--impls ... huggingface`` (inference only) times transformers'
 ``DeformableDetrForObjectDetection`` built for the same variant in the published
 configuration (300 queries, 4 levels or 1 for single-scale, 6 + 6 layers, d_model 256, FFN
@@ -88,6 +94,7 @@ from deformable_detr import add_deformable_detr_config
 from deformable_detr.checkpoint import VARIANTS
 from deformable_detr.layers import MSDeformAttn, has_compiled_op
 from deformable_detr.solver import build_optimizer
+from deformable_detr.utils.cpu_memory import disable_cpu_memory_cache, enable_cpu_memory_cache
 
 # transformers (--impls huggingface) builds its model from a config: nothing to download.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -191,6 +198,20 @@ class StageTimer:
     def remove(self):
         for h in self._handles:
             h.remove()
+
+
+def set_cpu_memory_cache(impl, args):
+    """Each implementation with the CPU allocator its users get (``--cpu-memory-cache``):
+    "ours" turns on ``deformable_detr.utils.cpu_memory``'s cache for our models (as our
+    predictor, tools and trainer do) and off for the others (PyTorch's allocator), "all" on for
+    every implementation, "off" off for all."""
+    if args.device != "cpu":
+        return
+    mode = args.cpu_memory_cache
+    if mode == "all" or (mode == "ours" and impl in TORCH_IMPLS):
+        enable_cpu_memory_cache()
+    else:
+        disable_cpu_memory_cache()
 
 
 def autocast(device, amp_dtype):
@@ -363,6 +384,7 @@ def bench_inference(cfg, models, args, batch=1, amp_dtype=None, stages=True):
     # compute the same detections.
     scores = {}
     for impl, model in models.items():
+        set_cpu_memory_cache(impl, args)
         _, out = run_inference(model, inputs, args.device, amp_dtype)
         if impl != "huggingface":
             scores[impl] = out[0]["instances"].scores.float().sort().values
@@ -379,6 +401,7 @@ def bench_inference(cfg, models, args, batch=1, amp_dtype=None, stages=True):
     times = defaultdict(list)
     for _ in range(args.repeats):
         for impl, model in models.items():
+            set_cpu_memory_cache(impl, args)
             t, _ = run_inference(model, inputs, args.device, amp_dtype)
             times[impl].append(t)
             if impl in timers:
@@ -403,6 +426,7 @@ def bench_training(variant, args, amp_dtype=None):
                          else None)
     inputs = make_inputs(args.size, args.train_batch, cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES,
                          True)
+    set_cpu_memory_cache("compiled", args)  # training: our models only
     for impl, model in models.items():  # warm-up
         run_train_step(model, optimizers[impl], inputs, args.device, amp_dtype, scalers[impl])
     times = defaultdict(list)
@@ -471,6 +495,10 @@ def main():
                         "inference only)")
     parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
                         help="time the inference stages (hooks that synchronise)")
+    parser.add_argument("--cpu-memory-cache", default="ours", choices=["ours", "all", "off"],
+                        help="CPU: the huge-page cache of deformable_detr.utils.cpu_memory "
+                        "for our models only (as our tools use it), for every implementation, "
+                        "or for none")
     parser.add_argument("--json", help="write all measurements to this file")
     args = parser.parse_args()
     args.variants = [VARIANT_ALIASES.get(v, v) for v in args.variants]
