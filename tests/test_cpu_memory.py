@@ -56,6 +56,15 @@ def test_the_limit_bounds_what_is_kept(cache):
     assert cm.cpu_memory_cache_stats()["cached_bytes"] == 0
 
 
+def test_out_of_memory_is_pytorchs_error_and_empties_the_cache(cache):
+    kept = torch.zeros(floats(4))
+    del kept
+    assert cm.cpu_memory_cache_stats()["cached_bytes"] > 0
+    with pytest.raises(torch.OutOfMemoryError, match="not enough memory"):
+        torch.empty(1 << 52, dtype=torch.uint8)  # 4 PiB
+    assert cm.cpu_memory_cache_stats()["cached_bytes"] == 0
+
+
 def test_onednn_convolution_and_matrix_products_are_unchanged(cache):
     """oneDNN takes its buffers through raw_allocate/raw_deallocate of the CPU allocator."""
     g = torch.Generator().manual_seed(0)

@@ -22,8 +22,7 @@ namespace deformable_detr {
 namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
-// Smaller tensors gain little from huge pages (glibc reuses their memory already) and would
-// waste up to half of a rounded-up block.
+// Below 2 MiB a block would be mostly padding, and glibc keeps such memory for reuse.
 constexpr size_t kMinBlock = kHugePage;
 // Above the default allocator's priority (0), so that the cache wins until it is disabled.
 constexpr uint8_t kPriority = 1;
@@ -113,8 +112,10 @@ class HugePageCache final : public c10::Allocator {
     if (posix_memalign(&p, kHugePage, size) != 0) {
       // Memory is short: give the cached blocks back and try once more.
       empty();
-      TORCH_CHECK(posix_memalign(&p, kHugePage, size) == 0, "DefaultCPUAllocator: not enough ",
-                  "memory: you tried to allocate ", nbytes, " bytes.");
+      // As PyTorch's CPU allocator: torch.OutOfMemoryError in Python.
+      TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&p, kHugePage, size) == 0,
+                       "DefaultCPUAllocator: not enough memory: you tried to allocate ", nbytes,
+                       " bytes.");
     }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     madvise(p, size, MADV_HUGEPAGE);  // advice only: without THP the block still works
