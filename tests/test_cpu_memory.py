@@ -1,6 +1,8 @@
 """The huge-page cache for large CPU tensors: blocks are reused, never shared by two live
 tensors, bounded by the limit, safe across fork and with oneDNN, and it leaves results as
 they are (references: float64 computations, values written before)."""
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,6 +100,25 @@ def test_training_step_of_the_model_is_unchanged(cache, tiny_cfg, make_inputs):
     loss_plain, grads_plain = losses(False)
     torch.testing.assert_close(loss_cached, loss_plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads_cached, grads_plain, rtol=1e-4, atol=1e-6)
+
+
+def test_threads_allocating_at_once_never_share_a_block(cache):
+    errors = []
+
+    def work(k):
+        for i in range(40):
+            value = float(k * 1000 + i)
+            t = torch.full((floats(2 + (i + k) % 5),), value)  # 2-6 MiB: several classes
+            u = t * 2  # a product from the same pool while t is alive
+            if not (bool((t == value).all()) and bool((u == 2 * value).all())):
+                errors.append((k, i))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
 
 
 class _LargeTensors(torch.utils.data.Dataset):
