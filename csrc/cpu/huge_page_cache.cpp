@@ -45,35 +45,27 @@ class HugePageCache final : public c10::Allocator {
   bool enable(int64_t max_cached_bytes) {
     std::lock_guard<std::mutex> guard(mutex_);
     max_cached_ = static_cast<size_t>(std::max<int64_t>(0, max_cached_bytes));
-    trim_locked();
-    if (!enabled_) {
+    trim_locked(max_cached_);
+    if (!enabled()) {
       if (previous_ == nullptr) previous_ = c10::GetCPUAllocator();
       // Refused (kept as it is) where another library installed an allocator of a higher
       // priority: then this one stays out.
       c10::SetCPUAllocator(this, kPriority);
-      enabled_ = c10::GetCPUAllocator() == this;
     }
-    return enabled_;
+    return enabled();
   }
 
   void disable() {
     std::lock_guard<std::mutex> guard(mutex_);
-    if (!enabled_) return;
-    c10::SetCPUAllocator(previous_, kPriority);
-    enabled_ = false;
+    if (enabled()) c10::SetCPUAllocator(previous_, kPriority);
   }
 
-  bool enabled() {
-    std::lock_guard<std::mutex> guard(mutex_);
-    return enabled_;
-  }
+  // Whether PyTorch allocates CPU memory here now (another library may have replaced it).
+  bool enabled() const { return c10::GetCPUAllocator() == this; }
 
   void empty() {
     std::lock_guard<std::mutex> guard(mutex_);
-    const size_t keep = max_cached_;
-    max_cached_ = 0;
-    trim_locked();
-    max_cached_ = keep;
+    trim_locked(0);
   }
 
   HugePageCacheStats stats() {
@@ -161,9 +153,10 @@ class HugePageCache final : public c10::Allocator {
     }
   }
 
-  void trim_locked() {
+  // Returns cached blocks to the system until at most `target` bytes stay cached.
+  void trim_locked(size_t target) {
     for (auto& [size, blocks] : free_) {
-      while (cached_ > max_cached_ && !blocks.empty()) {
+      while (cached_ > target && !blocks.empty()) {
         void* p = blocks.back();
         blocks.pop_back();
         block_size_.erase(p);
@@ -176,7 +169,6 @@ class HugePageCache final : public c10::Allocator {
 
   std::mutex mutex_;
   c10::Allocator* previous_ = nullptr;
-  bool enabled_ = false;
   size_t max_cached_ = 0;
   size_t reserved_ = 0;
   size_t cached_ = 0;

@@ -69,7 +69,8 @@ auto select_isa() -> void (*)(Args...) {
 
 // Fresh outputs of tens of MiB: where Linux gives transparent huge pages on request, first
 // writing them costs a page fault per 2 MiB instead of per 4 KiB. Only a hint: errors are
-// ignored.
+// ignored. For the op run with PyTorch's own allocator; blocks of the CPU memory cache
+// (huge_page_cache.h) are advised when made, and advising them again costs one system call.
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;

@@ -90,9 +90,13 @@ def _name_pattern(template: str) -> re.Pattern:
     ))
 
 
+# Compiled once: (torchvision's pattern, detectron2's pattern) per row of _RESNET_NAMES.
+_RESNET_PATTERNS = tuple(tuple(_name_pattern(t) for t in names) for names in _RESNET_NAMES)
+
+
 def _rename_resnet(name: str, source: int, stage_shift: int) -> str:
-    for names in _RESNET_NAMES:
-        m = _name_pattern(names[source]).fullmatch(name)
+    for names, patterns in zip(_RESNET_NAMES, _RESNET_PATTERNS):
+        m = patterns[source].fullmatch(name)
         if m:
             fields = m.groupdict()
             if "stage" in fields:

@@ -35,12 +35,10 @@ ENV_VAR = "DEFORMABLE_DETR_CPU_MEMORY_CACHE"
 DEFAULT_MAX_CACHED_BYTES = 4 << 30
 
 
-def _extension():
-    try:
-        from deformable_detr import _C
-    except ImportError:
-        return None
-    return _C
+try:
+    from deformable_detr import _C
+except ImportError:  # pragma: no cover - depends on the build
+    _C = None
 
 
 def enable_cpu_memory_cache(max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES) -> bool:
@@ -53,37 +51,32 @@ def enable_cpu_memory_cache(max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES) ->
     """
     if not isinstance(max_cached_bytes, int) or max_cached_bytes < 0:
         raise ValueError(f"max_cached_bytes must be an int >= 0, got {max_cached_bytes!r}")
-    ext = _extension()
-    if ext is None or os.environ.get(ENV_VAR, "1") == "0":
+    if _C is None or os.environ.get(ENV_VAR, "1") == "0":
         return False
-    return bool(ext.enable_huge_page_cache(max_cached_bytes))
+    return bool(_C.enable_huge_page_cache(max_cached_bytes))
 
 
 def disable_cpu_memory_cache() -> None:
     """Put PyTorch's CPU allocator back (cached blocks stay until
     :func:`empty_cpu_memory_cache`)."""
-    ext = _extension()
-    if ext is not None:
-        ext.disable_huge_page_cache()
+    if _C is not None:
+        _C.disable_huge_page_cache()
 
 
 def cpu_memory_cache_enabled() -> bool:
-    ext = _extension()
-    return ext is not None and bool(ext.huge_page_cache_enabled())
+    return _C is not None and bool(_C.huge_page_cache_enabled())
 
 
 def empty_cpu_memory_cache() -> None:
     """Return every cached (free) block to the system."""
-    ext = _extension()
-    if ext is not None:
-        ext.empty_huge_page_cache()
+    if _C is not None:
+        _C.empty_huge_page_cache()
 
 
 def cpu_memory_cache_stats() -> dict:
     """``{"reserved_bytes", "cached_bytes", "hits", "misses"}`` (zeros without the extension):
     bytes held in blocks (in use or free), bytes free in the cache, allocations served from it
     and allocations that took a new block."""
-    ext = _extension()
-    if ext is None:
+    if _C is None:
         return {"reserved_bytes": 0, "cached_bytes": 0, "hits": 0, "misses": 0}
-    return dict(ext.huge_page_cache_stats())
+    return dict(_C.huge_page_cache_stats())
