@@ -1,6 +1,7 @@
 # One-command set-up: `make demo` (the main job) and `make test` each create what they need.
-#   .venv (git-ignored) <- requirements/*.txt, detectron2 (only if not importable), this package
-#   with its compiled extension. Stamps make a second run reuse all of it and start in seconds.
+#   .venv (git-ignored) <- requirements/*.txt (the demo: base.txt only), detectron2 (only if
+#   not importable), this package with its compiled extension. Stamps make a second run reuse
+#   all of it and start in seconds.
 # CUDA kernels are compiled when CUDA is available or FORCE_CUDA=1 (TORCH_CUDA_ARCH_LIST).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -18,13 +19,18 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.deps: $(PY) requirements/base.txt requirements/test.txt tools/install_detectron2.py
-	$(PIP) install -q -r requirements/test.txt
+# What the package needs to run (the demo stops here), then what the tests add.
+$(VENV)/.deps-runtime: $(PY) requirements/base.txt tools/install_detectron2.py
+	$(PIP) install -q -r requirements/base.txt
 	$(PY) tools/install_detectron2.py
 	touch $@
 
+$(VENV)/.deps: $(VENV)/.deps-runtime requirements/test.txt
+	$(PIP) install -q -r requirements/test.txt
+	touch $@
+
 # Rebuilt when the sources or the CUDA build settings change.
-$(VENV)/.build: $(VENV)/.deps $(SOURCES) $(VENV)/.build-env
+$(VENV)/.build: $(VENV)/.deps-runtime $(SOURCES) $(VENV)/.build-env
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import deformable_detr; print('deformable_detr build:', deformable_detr.build_info())"
 	touch $@
@@ -34,7 +40,7 @@ $(VENV)/.build-env: $(PY) FORCE
 
 FORCE:
 
-test: $(VENV)/.build
+test: $(VENV)/.build $(VENV)/.deps
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 # `make test-d2-source`: the same tests against detectron2 built from its current source
@@ -78,7 +84,7 @@ test-d2-source: $(VENV)/.build $(D2SRC_VENV)/.detectron2
 demo: $(VENV)/.build
 	$(PY) tools/run_demo.py $(DEMO_ARGS)
 
-bench: $(VENV)/.build
+bench: $(VENV)/.build $(VENV)/.deps
 	$(PY) benchmarks/ms_deform_attn.py
 	$(PY) benchmarks/model.py
 

@@ -345,3 +345,74 @@ def test_criterion_rejects_bad_class_ids():
     with pytest.raises(ValueError, match=r"class ids must be in \[0, 4\)"):
         SetCriterion(4, HungarianMatcher())({"pred_logits": logits, "pred_boxes": boxes},
                                             targets)
+
+
+def _random_layer(g, n, q, c):
+    xy = 0.2 + 0.5 * torch.rand(n, q, 2, generator=g, dtype=torch.float64)
+    wh = 0.05 + 0.3 * torch.rand(n, q, 2, generator=g, dtype=torch.float64)
+    return {"pred_logits": torch.randn(n, q, c, generator=g, dtype=torch.float64),
+            "pred_boxes": torch.cat([xy, wh], -1)}
+
+
+def _brute_force_losses(layer, targets, num_boxes):
+    """A layer's weighted losses under its optimal matching, both computed here in float64:
+    the matching by enumeration over the costs of np_match_cost."""
+    logits, boxes = layer["pred_logits"], layer["pred_boxes"]
+    matches = []
+    for b, t in enumerate(targets):
+        cost = np.array([[np_match_cost(logits[b, i].numpy(), boxes[b, i].numpy(),
+                                        int(t["labels"][j]), t["boxes"][j].numpy())
+                          for j in range(len(t["labels"]))] for i in range(logits.shape[1])])
+        matches.append({q: j for j, q in brute_force_assignment(cost).items()})
+    return _expected_losses(logits, boxes, targets, matches, num_boxes)
+
+
+def test_criterion_one_to_many_layers_against_brute_force():
+    """The first m decoder layers are matched to the targets repeated k times (k queries per
+    object, normalised by k x the number of boxes); the other layers and the last one keep
+    one-to-one matching. Every layer's losses against an enumeration of all matchings."""
+    g = torch.Generator().manual_seed(3)
+    n, q, c, k, m = 2, 7, 4, 3, 2
+    targets = [
+        {"labels": torch.tensor([2, 0]),
+         "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.1]],
+                               dtype=torch.float64)},
+        {"labels": torch.tensor([1]),
+         "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]], dtype=torch.float64)},
+    ]
+    repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)}
+                for t in targets]
+    aux = [_random_layer(g, n, q, c) for _ in range(3)]
+    out = {**_random_layer(g, n, q, c), "aux_outputs": aux}
+    losses = SetCriterion(4, HungarianMatcher(), one_to_many_layers=m, one_to_many_k=k)(
+        out, targets)
+    assert set(losses) == {f"{name}{s}" for name in ("loss_ce", "loss_bbox", "loss_giou")
+                           for s in ("", "_0", "_1", "_2")}
+    for suffix, layer, layer_targets, num_boxes in (
+            ("_0", aux[0], repeated, 3 * k), ("_1", aux[1], repeated, 3 * k),
+            ("_2", aux[2], targets, 3), ("", out, targets, 3)):
+        expected = _brute_force_losses(layer, layer_targets, num_boxes)
+        for name, v in expected.items():
+            assert losses[name + suffix].item() == pytest.approx(v, rel=1e-10), name + suffix
+    # One-to-many changes what the first layers learn and nothing else.
+    plain = SetCriterion(4, HungarianMatcher())(out, targets)
+    for name in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert losses[name + "_2"].item() == plain[name + "_2"].item()
+        assert losses[name].item() == plain[name].item()
+        assert losses[name + "_0"].item() != pytest.approx(plain[name + "_0"].item())
+
+
+@pytest.mark.parametrize("layers, k, message", [
+    (-1, 2, "one_to_many_layers must be at least 0"),
+    (1, 0, "one_to_many_k must be at least 1"),
+])
+def test_criterion_rejects_bad_one_to_many_arguments(layers, k, message):
+    with pytest.raises(ValueError, match=message):
+        SetCriterion(4, HungarianMatcher(), one_to_many_layers=layers, one_to_many_k=k)
+
+
+def test_criterion_one_to_many_needs_auxiliary_outputs():
+    logits, boxes, targets, _ = _hand_case()
+    with pytest.raises(ValueError, match="one-to-many matching of 2 decoder layers needs"):
+        SetCriterion(4, HungarianMatcher(), one_to_many_layers=2)(
+            {"pred_logits": logits, "pred_boxes": boxes}, targets)

@@ -461,6 +461,11 @@ def test_cuda_compiled_matches_cpu_pytorch():
     ({"HIDDEN_DIM": 48}, r"HIDDEN_DIM must be a multiple of 32"),
     ({"NHEADS": 3}, r"HIDDEN_DIM \(32\) must be divisible by MODEL.DEFORMABLE_DETR.NHEADS"),
     ({"NUM_CLASSES": 0}, r"NUM_CLASSES must be at least 1"),
+    ({"ONE_TO_MANY_LAYERS": 2}, r"ONE_TO_MANY_LAYERS = 2 must be less than "
+                                r"MODEL.DEFORMABLE_DETR.DEC_LAYERS = 2"),
+    ({"ONE_TO_MANY_LAYERS": 1, "ONE_TO_MANY_K": 0}, r"ONE_TO_MANY_K must be at least 1"),
+    ({"ONE_TO_MANY_LAYERS": 1, "AUX_LOSS": False}, r"ONE_TO_MANY_LAYERS needs "
+                                                   r"MODEL.DEFORMABLE_DETR.AUX_LOSS"),
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ValueError, match=match):

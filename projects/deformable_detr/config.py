@@ -7,6 +7,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
 
 from .layers.ms_deform_attn import check_attention_arguments
+from .modeling.criterion import check_one_to_many_arguments
 from .modeling.deformable_transformer import check_transformer_arguments
 from .modeling.heads import check_class_count
 from .modeling.multiscale_adapter import check_adapter_arguments
@@ -40,6 +41,11 @@ def add_deformable_detr_config(cfg: CN) -> CN:
     c.COST_BBOX = 5.0
     c.COST_GIOU = 2.0
     c.FOCAL_ALPHA = 0.25
+    # Training only: match the first ONE_TO_MANY_LAYERS decoder layers against every target
+    # repeated ONE_TO_MANY_K times (H-DETR's hybrid layer scheme: faster convergence; the
+    # last layers stay one-to-one, so inference is unchanged). 0: the published training.
+    c.ONE_TO_MANY_LAYERS = 0
+    c.ONE_TO_MANY_K = 2
     # "auto": the compiled op where the extension has a kernel for the device, else PyTorch;
     # "compiled": the compiled op or an error at build time; "pytorch": grid_sample path.
     c.ATTN_IMPL = "auto"
@@ -103,6 +109,13 @@ def validate_config(cfg: CN, backbone_shape: Mapping[str, ShapeSpec] | None = No
         "d_model": f"{key}HIDDEN_DIM", "with_box_refine": f"{key}WITH_BOX_REFINE",
         "two_stage": f"{key}TWO_STAGE",
     })
+    check_one_to_many_arguments(c.ONE_TO_MANY_LAYERS, c.ONE_TO_MANY_K, c.DEC_LAYERS, names={
+        "layers": f"{key}ONE_TO_MANY_LAYERS", "k": f"{key}ONE_TO_MANY_K",
+        "num_decoder_layers": f"{key}DEC_LAYERS",
+    })
+    if c.ONE_TO_MANY_LAYERS and not c.AUX_LOSS:
+        raise ValueError(f"{key}ONE_TO_MANY_LAYERS needs {key}AUX_LOSS: True (it is a loss "
+                         "on the auxiliary decoder outputs)")
     check_adapter_arguments(
         c.IN_FEATURES, c.HIDDEN_DIM, c.NUM_FEATURE_LEVELS, backbone_shape,
         names={"in_features": f"{key}IN_FEATURES", "hidden_dim": f"{key}HIDDEN_DIM",

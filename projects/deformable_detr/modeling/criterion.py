@@ -10,7 +10,7 @@ from torch import nn
 from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou, upcast
 from .matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "sigmoid_focal_loss"]
+__all__ = ["SetCriterion", "check_one_to_many_arguments", "sigmoid_focal_loss"]
 
 
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, num_boxes: float,
@@ -33,6 +33,23 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, num_boxes: f
     return loss.flatten(-2).sum(-1) / num_boxes * inputs.shape[-2]
 
 
+def check_one_to_many_arguments(layers: int, k: int, num_decoder_layers: int | None = None, *,
+                                names: dict[str, str] | None = None) -> None:
+    """Raise a ValueError naming the argument (or config key, through ``names``) that the
+    one-to-many option cannot take: m >= 0 layers, k >= 1, and (given the decoder's depth)
+    fewer layers than the decoder has, so that its last layer stays one-to-one."""
+    names = {"layers": "one_to_many_layers", "k": "one_to_many_k",
+             "num_decoder_layers": "num_decoder_layers", **(names or {})}
+    if int(layers) < 0:
+        raise ValueError(f"{names['layers']} must be at least 0, got {layers}")
+    if int(k) < 1:
+        raise ValueError(f"{names['k']} must be at least 1, got {k}")
+    if num_decoder_layers is not None and layers >= num_decoder_layers:
+        raise ValueError(f"{names['layers']} = {layers} must be less than "
+                         f"{names['num_decoder_layers']} = {num_decoder_layers}: the last "
+                         "decoder layer (the model's output) is matched one-to-one")
+
+
 class SetCriterion(nn.Module):
     """Hungarian-matched set losses: sigmoid focal classification, L1 and GIoU on boxes.
 
@@ -43,23 +60,36 @@ class SetCriterion(nn.Module):
     label set to 0). Every loss is normalised by the number of target boxes averaged over
     processes (at least 1).
 
+    One-to-many matching (the hybrid layer scheme of H-DETR, Jia et al., CVPR 2023), a
+    training-only option: the first ``one_to_many_layers`` decoder layers (auxiliary outputs
+    ``_0`` .. ``_{m-1}``) are matched against every target repeated ``one_to_many_k`` times,
+    so that up to k queries learn each object (more positive samples per image: faster
+    convergence); their losses are normalised by k times the number of boxes. The later
+    layers keep one-to-one matching, so the model's output (the last layer) still needs no
+    NMS. Off (0 layers) in the published model.
+
     Args:
         num_classes: C, the logits' last dimension (no background class).
         matcher: the query-to-target assignment.
         class_weight, bbox_weight, giou_weight: loss weights.
         focal_alpha, focal_gamma: focal loss parameters.
+        one_to_many_layers: m, the first decoder layers matched one-to-many (0: none).
+        one_to_many_k: k, the targets' repetitions for those layers.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, class_weight: float = 2.0,
                  bbox_weight: float = 5.0, giou_weight: float = 2.0, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0):
+                 focal_gamma: float = 2.0, one_to_many_layers: int = 0, one_to_many_k: int = 1):
         super().__init__()
+        check_one_to_many_arguments(one_to_many_layers, one_to_many_k)
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = {"loss_ce": class_weight, "loss_bbox": bbox_weight,
                             "loss_giou": giou_weight}
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.one_to_many_layers = one_to_many_layers
+        self.one_to_many_k = one_to_many_k
 
     def _layer_losses(self, layer_outputs: list[dict], targets: list[dict],
                       layer_indices: list[list[tuple[torch.Tensor, torch.Tensor]]],
@@ -142,13 +172,28 @@ class SetCriterion(nn.Module):
         self._check_targets(targets)
         num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
 
-        # The last decoder layer (no suffix), then the auxiliary ones ("_0", "_1", ...).
-        layer_outputs = [outputs, *outputs.get("aux_outputs", [])]
-        layer_losses = self._layer_losses(
-            layer_outputs, targets, self.matcher.match_layers(layer_outputs, targets), num_boxes)
+        # The last decoder layer (no suffix), then the auxiliary ones ("_0", "_1", ...); the
+        # first one_to_many_layers auxiliary ones against the repeated targets.
+        aux_outputs = outputs.get("aux_outputs", [])
+        if self.one_to_many_layers > len(aux_outputs):
+            raise ValueError(f"one-to-many matching of {self.one_to_many_layers} decoder layers "
+                             f"needs as many auxiliary outputs, got {len(aux_outputs)}")
+        m = self.one_to_many_layers
+        one_to_one = ["", *(f"_{i}" for i in range(m, len(aux_outputs)))]
+        groups = [([outputs, *aux_outputs[m:]], one_to_one, targets, num_boxes)]
+        if m:
+            k = self.one_to_many_k
+            repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)}
+                        for t in targets]
+            groups.append((aux_outputs[:m], [f"_{i}" for i in range(m)], repeated,
+                           num_boxes * k))
         losses = {}
-        for i, layer in enumerate(layer_losses):
-            losses.update(self._weighted(layer, "" if i == 0 else f"_{i - 1}"))
+        for layer_outputs, suffixes, group_targets, group_num_boxes in groups:
+            layer_losses = self._layer_losses(
+                layer_outputs, group_targets,
+                self.matcher.match_layers(layer_outputs, group_targets), group_num_boxes)
+            for suffix, layer in zip(suffixes, layer_losses):
+                losses.update(self._weighted(layer, suffix))
         if "enc_outputs" in outputs:
             bin_targets = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]}
                            for t in targets]

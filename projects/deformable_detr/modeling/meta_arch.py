@@ -143,7 +143,9 @@ class DeformableDETR(nn.Module):
                                    cost_giou=c.COST_GIOU, focal_alpha=c.FOCAL_ALPHA)
         criterion = SetCriterion(c.NUM_CLASSES, matcher, class_weight=c.CLS_WEIGHT,
                                  bbox_weight=c.BBOX_WEIGHT, giou_weight=c.GIOU_WEIGHT,
-                                 focal_alpha=c.FOCAL_ALPHA)
+                                 focal_alpha=c.FOCAL_ALPHA,
+                                 one_to_many_layers=c.ONE_TO_MANY_LAYERS,
+                                 one_to_many_k=c.ONE_TO_MANY_K)
         return {
             "backbone": backbone,
             "adapter": adapter,
