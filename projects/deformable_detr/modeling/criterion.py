@@ -79,7 +79,7 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, class_weight: float = 2.0,
                  bbox_weight: float = 5.0, giou_weight: float = 2.0, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0, one_to_many_layers: int = 0, one_to_many_k: int = 1):
+                 focal_gamma: float = 2.0, one_to_many_layers: int = 0, one_to_many_k: int = 2):
         super().__init__()
         check_one_to_many_arguments(one_to_many_layers, one_to_many_k)
         self.num_classes = num_classes
