@@ -19,6 +19,7 @@ layer, as the decoder gets the heads as forward arguments.
 """
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import defaultdict
@@ -83,6 +84,7 @@ _RESNET_NAMES = (
 _NAME_FIELDS = {"stage": r"\d", "block": r"\d+", "i": r"\d", "param": r"\w+"}
 
 
+@functools.cache  # each template compiled once
 def _name_pattern(template: str) -> re.Pattern:
     return re.compile("".join(
         re.escape(literal) + (f"(?P<{field}>{_NAME_FIELDS[field]})" if field else "")
@@ -90,13 +92,9 @@ def _name_pattern(template: str) -> re.Pattern:
     ))
 
 
-# Compiled once: (torchvision's pattern, detectron2's pattern) per row of _RESNET_NAMES.
-_RESNET_PATTERNS = tuple(tuple(_name_pattern(t) for t in names) for names in _RESNET_NAMES)
-
-
 def _rename_resnet(name: str, source: int, stage_shift: int) -> str:
-    for names, patterns in zip(_RESNET_NAMES, _RESNET_PATTERNS):
-        m = patterns[source].fullmatch(name)
+    for names in _RESNET_NAMES:
+        m = _name_pattern(names[source]).fullmatch(name)
         if m:
             fields = m.groupdict()
             if "stage" in fields:

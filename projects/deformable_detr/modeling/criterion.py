@@ -175,10 +175,10 @@ class SetCriterion(nn.Module):
         # The last decoder layer (no suffix), then the auxiliary ones ("_0", "_1", ...); the
         # first one_to_many_layers auxiliary ones against the repeated targets.
         aux_outputs = outputs.get("aux_outputs", [])
-        if self.one_to_many_layers > len(aux_outputs):
-            raise ValueError(f"one-to-many matching of {self.one_to_many_layers} decoder layers "
-                             f"needs as many auxiliary outputs, got {len(aux_outputs)}")
         m = self.one_to_many_layers
+        if m > len(aux_outputs):
+            raise ValueError(f"one-to-many matching of {m} decoder layers needs as many "
+                             f"auxiliary outputs, got {len(aux_outputs)}")
         one_to_one = ["", *(f"_{i}" for i in range(m, len(aux_outputs)))]
         groups = [([outputs, *aux_outputs[m:]], one_to_one, targets, num_boxes)]
         if m:

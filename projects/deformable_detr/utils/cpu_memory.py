@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 
+from ..layers.ms_deform_attn_op import _C  # the extension, None where it is not built
+
 __all__ = [
     "ENV_VAR",
     "cpu_memory_cache_enabled",
@@ -33,12 +35,6 @@ __all__ = [
 ENV_VAR = "DEFORMABLE_DETR_CPU_MEMORY_CACHE"
 #: Default limit of the freed blocks kept.
 DEFAULT_MAX_CACHED_BYTES = 4 << 30
-
-
-try:
-    from deformable_detr import _C
-except ImportError:  # pragma: no cover - depends on the build
-    _C = None
 
 
 def enable_cpu_memory_cache(max_cached_bytes: int = DEFAULT_MAX_CACHED_BYTES) -> bool:
