@@ -2,11 +2,15 @@
 // deformable_detr::ms_deform_attn_forward / ms_deform_attn_backward. Backend kernels register
 // themselves in cpu/ and cuda/; autograd, autocast and the fake (meta) kernel are registered
 // from Python (deformable_detr/layers/ms_deform_attn_op.py).
-#include <torch/extension.h>
+//
+// Only pybind11 and the op registry: <torch/extension.h> (all of libtorch's C++ API) would
+// make this file the slowest of the build.
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "cpu/huge_page_cache.h"
-#include "ms_deform_attn.h"
 
 TORCH_LIBRARY(deformable_detr, m) {
   m.def(
