@@ -20,7 +20,12 @@ The sides:
   with ``FORCE_CUDA=0 python setup.py build_ext --inplace`` (a few minutes, once). An
   existing checkout that already has its ``_C*.so`` keeps it.
 
-Workloads (each side reads the config files of its own tree):
+``--opts KEY VALUE ...`` overrides the config of the new side, ``--baseline-opts`` that of the
+baseline: with ``--baseline HEAD`` this times a recipe change on the same code (e.g.
+``--opts MODEL.DEFORMABLE_DETR.ENC_LAYERS 1``), and the demo estimates below use the
+overridden ``SOLVER.MAX_ITER``.
+
+Workloads (each side reads the config files of its own tree, then its overrides):
 
 - ``demo``: one training iteration of the CPU demo, ``configs/demo/deformable_detr_shapes.yaml``
   on the synthetic ``shapes`` dataset, as detectron2's ``SimpleTrainer`` runs it: the next
@@ -55,10 +60,12 @@ Examples (run it niced on a shared machine)::
     nice -n 19 python benchmarks/revision_ab.py --baseline main~3 --workload infer train \\
         --size 800 1333 --repeats 5 --json output/ab.json
     nice -n 19 python benchmarks/revision_ab.py --baseline-tree ../old-checkout --workload infer
+    python benchmarks/revision_ab.py --baseline HEAD --opts SOLVER.IMS_PER_BATCH 4
 
     python benchmarks/revision_ab.py --baseline REV [--baseline-tree PATH]
         [--workload demo|infer|train ...] [--repeats 5] [--iterations K] [--warmup N]
-        [--threads 2] [--size 800 1333] [--json out.json]
+        [--threads 2] [--size 800 1333] [--opts KEY VALUE ...] [--baseline-opts KEY VALUE ...]
+        [--json out.json]
 """
 import argparse
 import json
@@ -118,6 +125,7 @@ from deformable_detr.engine import Trainer
 cfg = get_cfg()
 add_deformable_detr_config(cfg)
 cfg.merge_from_file(os.path.join(tree, args["config"]))
+cfg.merge_from_list(args["opts"])
 workload = args["workload"]
 info = {"file": where, "torch": torch.__version__, "threads": torch.get_num_threads()}
 # The tree's CPU memory set-up where it has one, as its tools and predictor use it.
@@ -337,6 +345,7 @@ class Child:
             "threads": args.threads, "warmup": args.warmup[workload], "size": args.size,
             "shapes_root": str(shapes_root) if shapes_root else None,
             "outputs": str(self.outputs) if self.outputs else None,
+            "opts": args.opts if name == "new" else args.baseline_opts,
         }
         if not (Path(tree) / CONFIGS[workload]).is_file():
             raise BenchmarkError(f"{name}: {Path(tree) / CONFIGS[workload]} does not exist")
@@ -501,8 +510,16 @@ def parse_args(argv=None):
                         help="torch threads per side (default: 2)")
     parser.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"),
                         help="image size of infer and train (default: 800 1333)")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides of the new side")
+    parser.add_argument("--baseline-opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides of the baseline side")
     parser.add_argument("--json", metavar="PATH", help="write every number here")
     args = parser.parse_args(argv)
+    for name in ("opts", "baseline_opts"):
+        if len(getattr(args, name)) % 2:
+            parser.error(f"--{name.replace('_', '-')} takes KEY VALUE pairs, got "
+                         f"{getattr(args, name)}")
     if args.baseline is None and args.baseline_tree is None:
         parser.error("give --baseline REV or --baseline-tree PATH")
     for name in ("repeats", "iterations", "warmup", "threads"):
@@ -530,11 +547,15 @@ def main(argv=None):
             prepare_shapes(shapes_root, args.threads)
         print(f"baseline: {base_tree} at {describe_tree(base_tree)}")
         print(f"new:      {ROOT} at {describe_tree(ROOT)}")
+        for name, opts in (("baseline", args.baseline_opts), ("new", args.opts)):
+            if opts:
+                print(f"{name} config overrides: {' '.join(opts)}")
         results = {
             "baseline": {"tree": str(base_tree), "sha": sha,
                          "describe": describe_tree(base_tree)},
             "new": {"tree": str(ROOT), "describe": describe_tree(ROOT)},
             "threads": args.threads, "size": args.size,
+            "opts": {"new": args.opts, "baseline": args.baseline_opts},
             "shapes_root": str(shapes_root) if shapes_root else None, "workloads": {},
         }
         for workload in args.workload:
