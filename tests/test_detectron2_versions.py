@@ -405,6 +405,26 @@ def test_lazy_config_trains_resumes_and_evaluates(tmp_path, tiny_dataset):
         evaluate(load_tiny_r18(opts + [f"train.output_dir={tmp_path / 'none'}"]))
 
 
+def test_lazy_config_model_ema(tmp_path, tiny_dataset):
+    """train.model_ema: the final model is the average the checkpoint stores, evaluated
+    during training (eval_period) without changing the trained weights."""
+    out = str(tmp_path / "lazy_ema")
+    opts = tiny_lazy_overrides(tiny_dataset, out, max_iter=3) + TINY_R50 + [
+        "train.model_ema.enabled=True", "train.model_ema.decay=0.5", "train.eval_period=2"]
+    cfg = load_tiny_r18(opts)
+    do_train(cfg)
+    state = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)
+    ema = state["trainer"]["hooks"]["ModelEMA"]
+    assert ema["updates"] == 3
+    last_raw = torch.load(os.path.join(out, "model_0000001.pth"), weights_only=True)["model"]
+    differs = 0
+    for k, v in state["model"].items():
+        torch.testing.assert_close(v, ema["average"][k], rtol=0, atol=0)
+        differs += int(not torch.equal(v, last_raw[k]))
+    assert differs > 0
+    assert any("bbox/AP" in r for r in metrics(out)), "no evaluation during training"
+
+
 @needs_transformer_backbones
 def test_vit_lazy_config_trains_with_the_tool(tmp_path, tiny_dataset):
     """configs/lazy/deformable_detr_ViTDet_B_50ep.py, shrunk (ViT of 2 blocks, 32 channels,

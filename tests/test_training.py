@@ -18,6 +18,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from PIL import Image
 
@@ -25,6 +26,7 @@ from deformable_detr import add_deformable_detr_config
 from deformable_detr.checkpoint import CheckpointError, SafeDetectionCheckpointer, load_torch_file
 from deformable_detr.data import DeformableDetrDatasetMapper
 from deformable_detr.engine import Trainer
+from deformable_detr.engine.model_ema import ModelEMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/deformable_detr_R_50_50ep.yaml"
@@ -356,3 +358,84 @@ def test_checkpointer_reads_model_zoo_pickles_and_reports_bad_files(tmp_path):
     bad_pkl.write_bytes(pickle.dumps({"model": {}})[:-3])
     with pytest.raises(CheckpointError, match="bad.pkl"):
         SafeDetectionCheckpointer(dst).load(str(bad_pkl))
+
+
+def test_model_ema_averages_weights_and_resumes(tmp_path, three_class_dataset):
+    """MODEL_EMA: the final model is the float64 EMA (with warmup) of the weights after each
+    optimizer step; an evaluation in between sees the average and leaves the weights; a
+    checkpoint stores the average and a resumed trainer continues it."""
+    decay, warmup = 0.7, 2
+    cfg = tiny_cfg(tmp_path, three_class_dataset,
+                   ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "3", "MODEL.BACKBONE.FREEZE_AT", "4",
+                    "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2",
+                    "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", str(decay),
+                    "MODEL_EMA.WARMUP_ITERS", str(warmup), "DATASETS.TEST", ()])
+    trainer = Trainer(cfg)
+
+    class Record(HookBase):
+        """Runs before every other hook: the weights right after each optimizer step."""
+
+        def __init__(self):
+            self.states = []
+
+        def _record(self):
+            sd = trainer.model.state_dict()
+            self.states.append({k: v.detach().double().clone() for k, v in sd.items()})
+
+        def before_train(self):
+            self._record()
+
+        def after_step(self):
+            self._record()
+
+    record = Record()
+    trainer.register_hooks([record])
+    trainer._hooks.insert(0, trainer._hooks.pop())
+    trainer.train()
+
+    expected = dict(record.states[0])
+    for n, state in enumerate(record.states[1:], start=1):
+        d = decay * (1 - math.exp(-n / warmup))
+        expected = {k: d * expected[k] + (1 - d) * v if v.is_floating_point() else v
+                    for k, v in state.items()}
+    final = trainer.model.state_dict()
+    moved = 0
+    for k, v in final.items():
+        torch.testing.assert_close(v.double(), expected[k], rtol=1e-6, atol=1e-7)
+        moved += int(not torch.equal(v.double(), record.states[-1][k]))
+    assert moved > 0, "the final weights are the last step's, not the average"
+
+    # model_final.pth: the average as the model and as the hook's state.
+    saved = load_torch_file(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+    for k, v in saved["trainer"]["hooks"]["ModelEMA"]["average"].items():
+        torch.testing.assert_close(v, final[k].cpu(), rtol=0, atol=0)
+    assert saved["trainer"]["hooks"]["ModelEMA"]["updates"] == 3
+
+    # Resuming from the checkpoint of iteration 2 continues the average of 2 updates.
+    ckpt = os.path.join(cfg.OUTPUT_DIR, "model_0000001.pth")
+    assert os.path.isfile(ckpt)
+    with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w") as f:
+        f.write("model_0000001.pth")
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    ema = next(h for h in resumed._hooks if isinstance(h, ModelEMA))
+    ema.before_train()
+    assert ema.updates == 2
+    mid = load_torch_file(ckpt)["trainer"]["hooks"]["ModelEMA"]["average"]
+    own = {k: v.detach().clone() for k, v in resumed.model.state_dict().items()}
+    with ema.applied():
+        for k, v in resumed.model.state_dict().items():
+            torch.testing.assert_close(v.cpu(), mid[k], rtol=0, atol=0)
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, own[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key,value", [("DECAY", "1.0"), ("DECAY", "-0.1"),
+                                       ("WARMUP_ITERS", "-1")])
+def test_model_ema_bad_config_is_named(tmp_path, three_class_dataset, key, value):
+    cfg = tiny_cfg(tmp_path, three_class_dataset,
+                   ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "3", "MODEL_EMA.ENABLED", "True",
+                    f"MODEL_EMA.{key}", value])
+    with pytest.raises(ValueError, match=f"MODEL_EMA.{key}"):
+        Trainer(cfg)

@@ -173,4 +173,6 @@ train = dict(
     # Weights of other classes: "by_name" copies the class-head rows of the classes named
     # alike, "reinit" starts every class from the prior (MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT).
     class_head_init="by_name",
+    # An exponential moving average of the weights (MODEL_EMA); off in the published recipe.
+    model_ema=dict(enabled=False, decay=0.999, warmup_iters=0),
 )

@@ -81,6 +81,14 @@ def add_deformable_detr_config(cfg: CN) -> CN:
     # infinite coordinates, far outside the image; see DeformableDetrDatasetMapper):
     # "drop" reports them once per image with the image id and drops them, "error" stops.
     cfg.INPUT.INVALID_ANNOTATIONS = "drop"
+
+    # An exponential moving average of the weights (engine.model_ema.ModelEMA): decay
+    # DECAY * (1 - exp(-updates / WARMUP_ITERS)) per iteration; evaluations and
+    # model_final.pth use the average. Off in the published recipe.
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False
+    cfg.MODEL_EMA.DECAY = 0.999
+    cfg.MODEL_EMA.WARMUP_ITERS = 0
     return cfg
 
 

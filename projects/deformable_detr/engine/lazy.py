@@ -11,11 +11,13 @@ command line.
 
 ``cfg.train`` keys: those of detectron2's ``configs/common/train.py`` (``output_dir``,
 ``init_checkpoint``, ``max_iter``, ``amp.enabled``, ``ddp``, ``checkpointer``,
-``eval_period``, ``log_period``, ``device``) and ``class_head_init`` ("by_name" or
-"reinit", as ``MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT``).
+``eval_period``, ``log_period``, ``device``), ``class_head_init`` ("by_name" or
+"reinit", as ``MODEL.DEFORMABLE_DETR.CLASS_HEAD_INIT``) and ``model_ema`` (``enabled``,
+``decay``, ``warmup_iters``, as ``MODEL_EMA``: :class:`.model_ema.ModelEMA`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Dict, List, Optional
 
@@ -28,6 +30,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from ..checkpoint.checkpointer import SafeDetectionCheckpointer, load_inference_weights
+from .model_ema import ModelEMA
 
 __all__ = ["build_lazy_model", "do_test", "do_train", "lazy_class_names", "load_lazy_config"]
 
@@ -132,12 +135,22 @@ def do_train(cfg, *, resume: bool = False) -> None:
     checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer,
                                              **_checkpointer_options(cfg))
     max_iter = cfg.train.max_iter
+    ema_cfg = cfg.train.get("model_ema", None) or {}
+    ema = (ModelEMA(ema_cfg.get("decay", 0.999), ema_cfg.get("warmup_iters", 0))
+           if ema_cfg.get("enabled", False) else None)
+
+    def test():
+        # Evaluations during training see the averaged weights (see ModelEMA).
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            return do_test(cfg, model)
+
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        ema,
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
         if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        hooks.EvalHook(cfg.train.eval_period, test),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, max_iter),
                              period=cfg.train.log_period)
         if comm.is_main_process() else None,

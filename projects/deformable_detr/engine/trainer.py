@@ -7,7 +7,7 @@ import weakref
 
 import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -19,6 +19,7 @@ from ..data.dataset_mapper import DeformableDetrDatasetMapper
 from ..solver import build_optimizer
 from ..utils.build_info import detectron2_has_compiled_ops
 from .checks import check_num_classes
+from .model_ema import ModelEMA
 
 __all__ = ["Trainer"]
 
@@ -70,6 +71,26 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """detectron2's hooks, with :class:`ModelEMA` after the lr scheduler when
+        ``MODEL_EMA.ENABLED`` (evaluations then see the averaged weights)."""
+        ret = super().build_hooks()
+        if not self.cfg.MODEL_EMA.ENABLED:
+            return ret
+        ema = ModelEMA(self.cfg.MODEL_EMA.DECAY, self.cfg.MODEL_EMA.WARMUP_ITERS)
+        at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
+        ret.insert(at, ema)
+
+        def test_with_average():
+            with ema.applied():
+                self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        for i, h in enumerate(ret):
+            if isinstance(h, hooks.EvalHook):
+                ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_with_average)
+        return ret
 
     def state_dict(self):
         ret = super().state_dict()
