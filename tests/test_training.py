@@ -439,3 +439,27 @@ def test_model_ema_bad_config_is_named(tmp_path, three_class_dataset, key, value
                     f"MODEL_EMA.{key}", value])
     with pytest.raises(ValueError, match=f"MODEL_EMA.{key}"):
         Trainer(cfg)
+
+
+def test_model_ema_refuses_an_average_of_another_model():
+    class FakeTrainer:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+
+    hook = ModelEMA(0.9)
+    hook.trainer = FakeTrainer()
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5)).state_dict()
+    hook.load_state_dict({"average": other, "updates": 7})
+    with pytest.raises(CheckpointError, match=r"MODEL_EMA average does not fit.*0\.weight"):
+        hook.before_train()
+    with pytest.raises(CheckpointError, match="'average' and 'updates'"):
+        hook.load_state_dict({"updates": 7})
+    # A fitting one is taken, and the average moves toward the weights.
+    hook.load_state_dict({"average": {k: torch.zeros_like(v) for k, v in
+                                      FakeTrainer.model.state_dict().items()}, "updates": 7})
+    hook.before_train()
+    assert hook.updates == 7
+    hook.update()
+    w = FakeTrainer.model[0].weight.detach().clone()
+    with hook.applied():
+        torch.testing.assert_close(FakeTrainer.model[0].weight.detach(), 0.1 * w)
+    torch.testing.assert_close(FakeTrainer.model[0].weight.detach(), w)

@@ -9,6 +9,8 @@ import torch
 from detectron2.engine import HookBase
 from torch import nn
 
+from ..checkpoint import CheckpointError
+
 __all__ = ["ModelEMA"]
 
 
@@ -54,10 +56,14 @@ class ModelEMA(HookBase):
         if self._pending is not None:
             saved = self._pending
             self._pending = None
-            missing = sorted(set(state) - set(saved["average"]))
-            if missing:
-                raise KeyError(f"The checkpoint's MODEL_EMA average lacks {missing[:5]}"
-                               f"{' ...' if len(missing) > 5 else ''}: it is of another model")
+            average = saved["average"]
+            bad = sorted(k for k, v in state.items()
+                         if k not in average or tuple(average[k].shape) != tuple(v.shape))
+            if bad:
+                raise CheckpointError(
+                    f"the checkpoint's MODEL_EMA average does not fit this model (missing or of "
+                    f"another shape: {bad[:5]}{' ...' if len(bad) > 5 else ''}); resume from a "
+                    "checkpoint of this config, or start a new OUTPUT_DIR")
             self._ema = {k: saved["average"][k].to(v.device, v.dtype).clone()
                          for k, v in state.items()}
             self.updates = int(saved["updates"])
@@ -126,6 +132,7 @@ class ModelEMA(HookBase):
     def load_state_dict(self, state_dict: dict) -> None:
         # Called by resume_or_load, before before_train has the model's state to match.
         if not isinstance(state_dict, dict) or not {"average", "updates"} <= set(state_dict):
-            raise KeyError("the checkpoint's MODEL_EMA state needs 'average' and 'updates'")
+            raise CheckpointError("the checkpoint's MODEL_EMA state needs 'average' and "
+                                  "'updates'")
         self._pending = state_dict
         self._ema = None
