@@ -54,8 +54,7 @@ class ModelEMA(HookBase):
     def _init_average(self) -> None:
         state = self._model_state()
         if self._pending is not None:
-            saved = self._pending
-            self._pending = None
+            saved, self._pending = self._pending, None
             average = saved["average"]
             bad = sorted(k for k, v in state.items()
                          if k not in average or tuple(average[k].shape) != tuple(v.shape))
@@ -64,7 +63,7 @@ class ModelEMA(HookBase):
                     f"the checkpoint's MODEL_EMA average does not fit this model (missing or of "
                     f"another shape: {bad[:5]}{' ...' if len(bad) > 5 else ''}); resume from a "
                     "checkpoint of this config, or start a new OUTPUT_DIR")
-            self._ema = {k: saved["average"][k].to(v.device, v.dtype).clone()
+            self._ema = {k: average[k].to(v.device, v.dtype).clone()
                          for k, v in state.items()}
             self.updates = int(saved["updates"])
         else:
