@@ -290,8 +290,10 @@ def test_full_model_gradient_clipping_matches_torch():
     clipped = torch.sqrt(sum((p.grad.double() ** 2).sum()
                              for p in model.parameters() if p.grad is not None))
     assert clipped == pytest.approx(0.1, rel=1e-5)
+    # Equal to float32 rounding, not bit for bit: our fused AdamW kernel and torch's default
+    # implementation may round the same update an ulp apart (they do on CPUs without AVX-512).
     for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-12, msg=n)
 
     # FULL_MODEL_CLIP_NORM <= 0 disables the clipping: the plain AdamW class.
     cfg.SOLVER.FULL_MODEL_CLIP_NORM = 0.0
