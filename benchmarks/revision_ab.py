@@ -31,7 +31,9 @@ Workloads (each side reads the config files of its own tree, then its overrides)
   on the synthetic ``shapes`` dataset, as detectron2's ``SimpleTrainer`` runs it: the next
   batch of ``Trainer.build_train_loader(cfg)`` (real data loading with the config's
   ``DATALOADER.NUM_WORKERS``), forward with losses, their sum, ``zero_grad``, backward and
-  the step of ``Trainer.build_optimizer`` (no LR scheduler, no metrics). The dataset is
+  the step of ``Trainer.build_optimizer`` (no LR scheduler, no metrics); with
+  ``SOLVER.AMP.ENABLED True`` the forward and the losses under bfloat16 CPU autocast, as the
+  trainer runs them (``deformable_detr.engine.cpu_autocast``). The dataset is
   generated once (by the working tree's code) under ``$DETECTRON2_DATASETS/shapes``, else
   ``datasets/shapes`` of the working tree. Also printed: each side's ``SOLVER.MAX_ITER`` and
   ``IMS_PER_BATCH``, the demo's training time estimated as MAX_ITER x median s/iter, and the
@@ -148,8 +150,11 @@ if workload == "demo":
     info.update(max_iter=cfg.SOLVER.MAX_ITER, ims_per_batch=cfg.SOLVER.IMS_PER_BATCH,
                 num_workers=cfg.DATALOADER.NUM_WORKERS)
 
+    amp = cfg.SOLVER.AMP.ENABLED
+
     def step():
-        losses = sum(model(next(batches)).values())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            losses = sum(model(next(batches)).values())
         optimizer.zero_grad()
         losses.backward()
         optimizer.step()

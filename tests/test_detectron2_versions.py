@@ -32,6 +32,7 @@ from PIL import Image
 import deformable_detr.compat as compat
 from deformable_detr import add_deformable_detr_config
 from deformable_detr.checkpoint import CheckpointError, SafeDetectionCheckpointer
+from deformable_detr.engine import cpu_autocast
 from deformable_detr.engine.lazy import do_train, evaluate, lazy_class_names, load_lazy_config
 from deformable_detr.modeling import (
     DeformableTransformer,
@@ -403,6 +404,27 @@ def test_lazy_config_trains_resumes_and_evaluates(tmp_path, tiny_dataset):
     assert set(results) == {"bbox"} and math.isfinite(results["bbox"]["AP"])
     with pytest.raises(CheckpointError, match="random"):
         evaluate(load_tiny_r18(opts + [f"train.output_dir={tmp_path / 'none'}"]))
+
+
+def test_lazy_config_cpu_amp(tmp_path, tiny_dataset, monkeypatch):
+    """train.amp.enabled with train.device cpu: bfloat16 autocast training where the CPU has
+    the instructions for it, else an error naming the key before anything is built."""
+    out = str(tmp_path / "lazy_amp")
+    opts = tiny_lazy_overrides(tiny_dataset, out) + TINY_R50 + [
+        "train.amp.enabled=True"]
+    cfg = load_tiny_r18(opts)
+    cfg.dataloader.pop("evaluator")
+    monkeypatch.setattr(cpu_autocast, "cpu_has_native_bfloat16", lambda: False)
+    with pytest.raises(ValueError, match="train.amp.enabled on the CPU .* no bfloat16"):
+        do_train(cfg)
+    assert not os.path.exists(os.path.join(out, "model_final.pth"))
+    monkeypatch.setattr(cpu_autocast, "cpu_has_native_bfloat16", lambda: True)
+    steps = []
+    monkeypatch.setattr(cpu_autocast.CPUAutocastTrainer, "run_step",
+                        lambda self, run=cpu_autocast.CPUAutocastTrainer.run_step: (
+                            steps.append(self.dtype), run(self))[1])
+    do_train(cfg)
+    assert steps == [torch.bfloat16] * 2 and training_losses(out)[-1]["iteration"] == 1
 
 
 def test_lazy_config_model_ema(tmp_path, tiny_dataset):

@@ -14,6 +14,7 @@ import deformable_detr.modeling.slim_resnet  # noqa: F401  (registers the demo b
 import deformable_detr.visualization.attention as visualize_attention
 from deformable_detr.data import generate_shapes_dataset, register_shapes_dataset
 from deformable_detr.engine import Predictor, setup_cfg
+from deformable_detr.engine.cpu_autocast import cpu_has_native_bfloat16
 from deformable_detr.engine.defaults import default_argument_parser, train_net_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,9 +198,27 @@ def test_run_demo_end_to_end(shapes_root, tmp_path, monkeypatch, capsys):
     with open(out / "demo_summary.json") as f:
         summary = json.load(f)
     assert "AP" in summary["bbox"] and summary["timings"]["total_s"] > 0
+    # --amp auto: bfloat16 autocast where this CPU has the instructions for it.
+    assert summary["opts"][:2] == ["SOLVER.AMP.ENABLED", str(cpu_has_native_bfloat16())]
     assert "COCO bbox on shapes_val: AP" in capsys.readouterr().out
     # An AP below --min-ap is a failure (a random model scores ~0).
     rc = run_demo.main(["--output", str(out), "--num-train", "6", "--num-val", "3",
                         "--num-pictures", "1", "--min-ap", "50", *TINY,
                         "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "2"])
     assert rc == 1
+
+
+def test_run_demo_amp_choice(monkeypatch):
+    """--amp auto turns bfloat16 autocast on only for training on a CPU with bfloat16
+    instructions; on and off are taken as said; a config error is left to the training step."""
+    run_demo = load_tool("run_demo")
+    config = run_demo.DEFAULT_CONFIG
+    for native in (True, False):
+        # The tool's own globals (load_tool returns a copy of its namespace).
+        monkeypatch.setitem(run_demo.use_amp.__globals__, "cpu_has_native_bfloat16",
+                            lambda native=native: native)
+        assert run_demo.use_amp("auto", config, []) is native
+        assert run_demo.use_amp("on", config, []) is True
+        assert run_demo.use_amp("off", config, []) is False
+        assert run_demo.use_amp("auto", config, ["NO.SUCH_KEY", "1"]) is False
+        assert run_demo.use_amp("auto", "missing.yaml", []) is False

@@ -18,14 +18,17 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from deformable_detr import add_deformable_detr_config
 from deformable_detr.checkpoint import CheckpointError, SafeDetectionCheckpointer, load_torch_file
 from deformable_detr.data import DeformableDetrDatasetMapper
-from deformable_detr.engine import Trainer
+from deformable_detr.engine import Trainer, cpu_autocast
+from deformable_detr.engine.cpu_autocast import CPUAutocastTrainer
 from deformable_detr.engine.model_ema import ModelEMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,11 +297,78 @@ def test_trainer_steps_in_process(tmp_path, three_class_dataset):
             torch.testing.assert_close(b["state"][i][key], st[key], rtol=0, atol=0)
 
 
-def test_amp_needs_cuda(tmp_path, three_class_dataset):
+def test_cpu_amp_is_refused_without_bfloat16_instructions(tmp_path, three_class_dataset,
+                                                          monkeypatch):
+    monkeypatch.setattr(cpu_autocast, "cpu_has_native_bfloat16", lambda: False)
     cfg = tiny_cfg(tmp_path, three_class_dataset,
                    ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "3", "SOLVER.AMP.ENABLED", "True"])
-    with pytest.raises(ValueError, match="AMP"):
+    with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED on the CPU .* no bfloat16 "
+                                         r"instructions"):
         Trainer(cfg)
+
+
+def test_cpu_amp_trains(tmp_path, three_class_dataset, monkeypatch):
+    """SOLVER.AMP.ENABLED with MODEL.DEVICE cpu: the bfloat16 autocast trainer, resumable.
+    (Where the CPU lacks bfloat16 instructions it is emulated: slower, the same results.)"""
+    monkeypatch.setattr(cpu_autocast, "cpu_has_native_bfloat16", lambda: True)
+    cfg = tiny_cfg(tmp_path, three_class_dataset,
+                   ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "3", "SOLVER.AMP.ENABLED", "True",
+                    "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100",
+                    "DATASETS.TEST", ()])
+    trainer = Trainer(cfg)
+    assert type(trainer._trainer) is CPUAutocastTrainer
+    trainer.train()
+    assert trainer.iter == 2 and math.isfinite(trainer.storage.latest()["total_loss"][0])
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+
+
+@pytest.mark.parametrize("dtype, rtol, min_cos", [(torch.bfloat16, 0.01, 0.999),
+                                                   (torch.float16, 0.002, 0.9999)])
+def test_cpu_autocast_step_against_float32(tmp_path, three_class_dataset, dtype, rtol, min_cos):
+    """One step of CPUAutocastTrainer against SimpleTrainer's float32 step on the same weights
+    and batch (no dropout): every trainable linear layer and convolution computes in the
+    autocast dtype (float32 without autocast), parameters and gradients stay float32, and the
+    losses and gradients are the float32 ones to the dtype's rounding (bfloat16 keeps 8
+    significant bits, float16 11)."""
+    cfg = tiny_cfg(tmp_path, three_class_dataset, ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "3",
+                                                   "MODEL.DEFORMABLE_DETR.DROPOUT", "0.0"])
+    torch.manual_seed(0)
+    models = [build_model(cfg) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    seed_all_rng(0)  # the loader's order and augmentation
+    batch = next(iter(Trainer.build_train_loader(cfg)))
+    results = []
+    for model, amp in zip(models, (False, True)):
+        dtypes, losses = set(), []
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.requires_grad:
+                m.register_forward_hook(lambda m, i, o, dtypes=dtypes: dtypes.add(o.dtype))
+        model.register_forward_hook(lambda m, i, o, losses=losses: losses.append(
+            {k: float(v.detach()) for k, v in o.items()}))
+        # lr 0: run_step's update leaves the weights, and the gradients stay readable.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        trainer = (CPUAutocastTrainer(model, [batch], optimizer, dtype=dtype) if amp
+                   else SimpleTrainer(model, [batch], optimizer))
+        with EventStorage(0):
+            trainer.run_step()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        results.append((dtypes, losses[0], grads))
+    (dtypes32, losses32, grads32), (dtypes16, losses16, grads16) = results
+    assert dtypes32 == {torch.float32} and dtypes16 == {dtype}
+    assert losses16.keys() == losses32.keys()
+    for k in losses32:
+        assert losses16[k] == pytest.approx(losses32[k], rel=rtol), k
+    assert grads16.keys() == grads32.keys()
+    g32 = torch.cat([g.flatten() for g in grads32.values()])
+    g16 = torch.cat([grads16[n].flatten() for n in grads32])
+    assert not torch.equal(g16, g32)  # autocast changed the arithmetic
+    cos = torch.nn.functional.cosine_similarity(g16, g32, dim=0)
+    assert cos > min_cos and (g16.norm() / g32.norm() - 1).abs() < rtol, (cos, g16.norm(),
+                                                                          g32.norm())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -44,7 +44,8 @@ from deformable_detr.data import (
     ensure_shapes_dataset,
     register_shapes_dataset,
 )
-from deformable_detr.engine.defaults import default_argument_parser, train_net_main
+from deformable_detr.engine.cpu_autocast import cpu_has_native_bfloat16
+from deformable_detr.engine.defaults import default_argument_parser, setup_cfg, train_net_main
 from deformable_detr.visualization import (
     write_attention_pictures,
     write_detection_pictures,
@@ -71,6 +72,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default: all cores, torch's default)")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="train under bfloat16 autocast (SOLVER.AMP.ENABLED); auto: on where the "
+                        "CPU has bfloat16 instructions (AVX512-BF16 or AMX), else float32")
     p.add_argument("--num-pictures", type=int, default=6,
                    help="val images to draw detections on (attention: a quarter of them)")
     p.add_argument("--min-ap", type=float, default=None,
@@ -78,6 +82,18 @@ def get_parser() -> argparse.ArgumentParser:
                         f"warn below the demo's target of {TARGET_AP:.0f})")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE overrides")
     return p
+
+
+def use_amp(choice: str, config_file: str, opts: Sequence[str]) -> bool:
+    """``--amp``: "on", "off", or "auto": on where the model trains on a CPU with bfloat16
+    instructions, there 1.3-1.4x faster per iteration at the same AP (docs/demo.md)."""
+    if choice != "auto":
+        return choice == "on"
+    try:
+        device = setup_cfg(config_file, opts, freeze=False).MODEL.DEVICE
+    except (OSError, ValueError):  # the training step reports it
+        return False
+    return torch.device(device).type == "cpu" and cpu_has_native_bfloat16()
 
 
 def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str]) -> Dict:
@@ -123,9 +139,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     register_shapes_dataset(root)
     timings["dataset_s"] = time.perf_counter() - start
 
-    logger.info("2/3 training and evaluation (config %s)", args.config_file)
+    amp = use_amp(args.amp, args.config_file, args.opts)
+    # Before the overrides: a SOLVER.AMP.ENABLED among them wins.
+    train_opts = ["SOLVER.AMP.ENABLED", str(amp), *args.opts]
+    logger.info("2/3 training (%s) and evaluation (config %s)",
+                "bfloat16 autocast" if amp else "float32", args.config_file)
     t = time.perf_counter()
-    bbox = train_and_evaluate(args.config_file, args.output, args.opts)
+    bbox = train_and_evaluate(args.config_file, args.output, train_opts)
     timings["train_eval_s"] = time.perf_counter() - t
     if not bbox:
         logger.error("No bbox evaluation results (is TEST.EVAL_PERIOD negative, or "
@@ -153,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timings["total_s"] = time.perf_counter() - start
 
     summary = {"bbox": bbox, "timings": timings, "torch_threads": torch.get_num_threads(),
-               "config_file": args.config_file, "opts": list(args.opts)}
+               "config_file": args.config_file, "opts": train_opts}
     with open(os.path.join(args.output, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nDemo finished in {timings['total_s'] / 60:.1f} min (dataset "

@@ -19,6 +19,7 @@ from ..data.dataset_mapper import DeformableDetrDatasetMapper
 from ..solver import build_optimizer
 from ..utils.build_info import detectron2_has_compiled_ops
 from .checks import check_num_classes
+from .cpu_autocast import CPUAutocastTrainer, check_cpu_autocast
 from .model_ema import ModelEMA
 
 __all__ = ["Trainer"]
@@ -42,13 +43,12 @@ class Trainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         on_cuda = cfg.MODEL.DEVICE.startswith("cuda")
-        if cfg.SOLVER.AMP.ENABLED and not on_cuda:
-            # detectron2's AMPTrainer (0.6 and later) autocasts on CUDA only.
-            raise ValueError(
-                f"SOLVER.AMP.ENABLED needs MODEL.DEVICE cuda, got {cfg.MODEL.DEVICE!r}: "
-                "detectron2's AMPTrainer autocasts on CUDA only (the model itself runs under "
-                "torch.autocast('cpu', dtype=torch.bfloat16) too)"
-            )
+        amp = cfg.SOLVER.AMP.ENABLED
+        if amp and not on_cuda:
+            if torch.device(cfg.MODEL.DEVICE).type != "cpu":
+                raise ValueError(f"SOLVER.AMP.ENABLED trains with autocast on cuda or cpu, got "
+                                 f"MODEL.DEVICE {cfg.MODEL.DEVICE!r}")
+            check_cpu_autocast("SOLVER.AMP.ENABLED")
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -56,11 +56,11 @@ class Trainer(DefaultTrainer):
 
         ddp_kwargs = {} if on_cuda else {"device_ids": None}
         model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
-        # AMP: GradScaler.step() unscales the gradients before our optimizer's step() clips
-        # them (see solver.maybe_add_full_model_gradient_clipping).
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        # AMP: on CUDA detectron2's AMPTrainer, whose GradScaler.step() unscales the gradients
+        # before our optimizer's step() clips them (solver.maybe_add_full_model_gradient_
+        # clipping); on the CPU bfloat16 autocast without a scaler (cpu_autocast).
+        trainer_cls = (AMPTrainer if on_cuda else CPUAutocastTrainer) if amp else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # Reads checkpoints and MODEL.WEIGHTS without running pickled code; saves the
         # dataset's class names and fits class heads of other classes (CLASS_HEAD_INIT).
