@@ -18,7 +18,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
@@ -295,6 +295,16 @@ def test_trainer_steps_in_process(tmp_path, three_class_dataset):
     for i, st in a["state"].items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(b["state"][i][key], st[key], rtol=0, atol=0)
+
+
+def test_amp_trainer_class(monkeypatch):
+    keys = {"amp_key": "SOLVER.AMP.ENABLED", "device_key": "MODEL.DEVICE"}
+    monkeypatch.setattr(cpu_autocast, "cpu_has_native_bfloat16", lambda: True)
+    assert cpu_autocast.trainer_class(False, "cuda", **keys) is SimpleTrainer
+    assert cpu_autocast.trainer_class(True, "cuda:1", **keys) is AMPTrainer
+    assert cpu_autocast.trainer_class(True, "cpu", **keys) is CPUAutocastTrainer
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED .* MODEL.DEVICE 'mps'"):
+        cpu_autocast.trainer_class(True, "mps", **keys)
 
 
 def test_cpu_amp_is_refused_without_bfloat16_instructions(tmp_path, three_class_dataset,

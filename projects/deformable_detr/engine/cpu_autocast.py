@@ -15,9 +15,10 @@ import logging
 import time
 
 import torch
-from detectron2.engine import SimpleTrainer
+from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["CPUAutocastTrainer", "check_cpu_autocast", "cpu_has_native_bfloat16"]
+__all__ = ["CPUAutocastTrainer", "check_cpu_autocast", "cpu_has_native_bfloat16",
+           "trainer_class"]
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -35,6 +36,27 @@ def check_cpu_autocast(key: str) -> None:
             "instructions (AVX512-BF16 or AMX): bfloat16 would be emulated, several times "
             f"slower than float32. Turn {key} off to train in float32."
         )
+
+
+def trainer_class(amp: bool, device: str, *, amp_key: str, device_key: str) -> type:
+    """The detectron2 trainer class for training on ``device`` (a torch device string):
+    ``SimpleTrainer`` without ``amp``; with it, detectron2's ``AMPTrainer`` on CUDA (float16
+    and a gradient scaler) and :class:`CPUAutocastTrainer` on the CPU.
+
+    Raises:
+        ValueError: naming ``amp_key`` (and ``device_key``) when AMP is asked for on another
+            device, or on a CPU without bfloat16 instructions.
+    """
+    if not amp:
+        return SimpleTrainer
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return AMPTrainer
+    if kind != "cpu":
+        raise ValueError(f"{amp_key} trains with autocast on cuda or cpu, got {device_key} "
+                         f"{device!r}")
+    check_cpu_autocast(amp_key)
+    return CPUAutocastTrainer
 
 
 class CPUAutocastTrainer(SimpleTrainer):

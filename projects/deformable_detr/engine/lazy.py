@@ -24,13 +24,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.engine import default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from ..checkpoint.checkpointer import SafeDetectionCheckpointer, load_inference_weights
-from .cpu_autocast import CPUAutocastTrainer, check_cpu_autocast
+from .cpu_autocast import trainer_class
 from .model_ema import ModelEMA
 
 __all__ = ["build_lazy_model", "do_test", "do_train", "lazy_class_names", "load_lazy_config"]
@@ -121,13 +121,9 @@ def do_train(cfg, *, resume: bool = False) -> None:
     set here), data, lr schedule, periodic checkpoints, evaluation and logs in
     ``cfg.train.output_dir``; with ``resume``, continue from the newest readable checkpoint
     there, else start from ``cfg.train.init_checkpoint``."""
-    on_cuda = str(cfg.train.device).startswith("cuda")
-    amp = cfg.train.amp.enabled
-    if amp and not on_cuda:
-        if torch.device(cfg.train.device).type != "cpu":
-            raise ValueError(f"train.amp.enabled trains with autocast on cuda or cpu, got "
-                             f"train.device {cfg.train.device!r}")
-        check_cpu_autocast("train.amp.enabled")
+    # AMP: detectron2's AMPTrainer on CUDA, bfloat16 autocast on the CPU (cpu_autocast).
+    trainer_cls = trainer_class(cfg.train.amp.enabled, str(cfg.train.device),
+                                amp_key="train.amp.enabled", device_key="train.device")
     model = build_lazy_model(cfg)
     logger.info(f"Model:\n{model}")
     cfg.optimizer.params.model = model
@@ -135,8 +131,6 @@ def do_train(cfg, *, resume: bool = False) -> None:
     train_loader = instantiate(cfg.dataloader.train)
 
     model = create_ddp_model(model, **_ddp_kwargs(cfg))
-    # AMP: detectron2's AMPTrainer on CUDA, bfloat16 autocast on the CPU (cpu_autocast).
-    trainer_cls = (AMPTrainer if on_cuda else CPUAutocastTrainer) if amp else SimpleTrainer
     trainer = trainer_cls(model, train_loader, optimizer)
     checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer,
                                              **_checkpointer_options(cfg))

@@ -7,7 +7,7 @@ import weakref
 
 import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -19,7 +19,7 @@ from ..data.dataset_mapper import DeformableDetrDatasetMapper
 from ..solver import build_optimizer
 from ..utils.build_info import detectron2_has_compiled_ops
 from .checks import check_num_classes
-from .cpu_autocast import CPUAutocastTrainer, check_cpu_autocast
+from .cpu_autocast import trainer_class
 from .model_ema import ModelEMA
 
 __all__ = ["Trainer"]
@@ -43,12 +43,11 @@ class Trainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         on_cuda = cfg.MODEL.DEVICE.startswith("cuda")
-        amp = cfg.SOLVER.AMP.ENABLED
-        if amp and not on_cuda:
-            if torch.device(cfg.MODEL.DEVICE).type != "cpu":
-                raise ValueError(f"SOLVER.AMP.ENABLED trains with autocast on cuda or cpu, got "
-                                 f"MODEL.DEVICE {cfg.MODEL.DEVICE!r}")
-            check_cpu_autocast("SOLVER.AMP.ENABLED")
+        # AMP: on CUDA detectron2's AMPTrainer, whose GradScaler.step() unscales the gradients
+        # before our optimizer's step() clips them (solver.maybe_add_full_model_gradient_
+        # clipping); on the CPU bfloat16 autocast without a scaler (cpu_autocast).
+        trainer_cls = trainer_class(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE,
+                                    amp_key="SOLVER.AMP.ENABLED", device_key="MODEL.DEVICE")
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -56,10 +55,6 @@ class Trainer(DefaultTrainer):
 
         ddp_kwargs = {} if on_cuda else {"device_ids": None}
         model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
-        # AMP: on CUDA detectron2's AMPTrainer, whose GradScaler.step() unscales the gradients
-        # before our optimizer's step() clips them (solver.maybe_add_full_model_gradient_
-        # clipping); on the CPU bfloat16 autocast without a scaler (cpu_autocast).
-        trainer_cls = (AMPTrainer if on_cuda else CPUAutocastTrainer) if amp else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # Reads checkpoints and MODEL.WEIGHTS without running pickled code; saves the
