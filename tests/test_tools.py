@@ -199,7 +199,7 @@ def test_run_demo_end_to_end(shapes_root, tmp_path, monkeypatch, capsys):
         summary = json.load(f)
     assert "AP" in summary["bbox"] and summary["timings"]["total_s"] > 0
     # --amp auto: bfloat16 autocast where this CPU has the instructions for it.
-    assert summary["opts"][:2] == ["SOLVER.AMP.ENABLED", str(cpu_has_native_bfloat16())]
+    assert summary["opts"][-2:] == ["SOLVER.AMP.ENABLED", str(cpu_has_native_bfloat16())]
     assert "COCO bbox on shapes_val: AP" in capsys.readouterr().out
     # An AP below --min-ap is a failure (a random model scores ~0).
     rc = run_demo.main(["--output", str(out), "--num-train", "6", "--num-val", "3",
@@ -210,7 +210,8 @@ def test_run_demo_end_to_end(shapes_root, tmp_path, monkeypatch, capsys):
 
 def test_run_demo_amp_choice(monkeypatch):
     """--amp auto turns bfloat16 autocast on only for training on a CPU with bfloat16
-    instructions; on and off are taken as said; a config error is left to the training step."""
+    instructions; on and off are taken as said; SOLVER.AMP.ENABLED among the overrides wins;
+    a config error is left to the training step."""
     run_demo = load_tool("run_demo")
     config = run_demo.DEFAULT_CONFIG
     for native in (True, False):
@@ -220,5 +221,9 @@ def test_run_demo_amp_choice(monkeypatch):
         assert run_demo.use_amp("auto", config, []) is native
         assert run_demo.use_amp("on", config, []) is True
         assert run_demo.use_amp("off", config, []) is False
+        for choice in ("auto", "on", "off"):
+            for value in (True, False):
+                assert run_demo.use_amp(choice, config,
+                                        ["SOLVER.AMP.ENABLED", str(value)]) is value
         assert run_demo.use_amp("auto", config, ["NO.SUCH_KEY", "1"]) is False
         assert run_demo.use_amp("auto", "missing.yaml", []) is False
