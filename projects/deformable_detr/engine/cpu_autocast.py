@@ -17,25 +17,13 @@ import time
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["CPUAutocastTrainer", "check_cpu_autocast", "cpu_has_native_bfloat16",
-           "trainer_class"]
+__all__ = ["CPUAutocastTrainer", "cpu_has_native_bfloat16", "trainer_class"]
 
 
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX tiles)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def check_cpu_autocast(key: str) -> None:
-    """Raise a ``ValueError`` naming the config ``key`` that turned mixed precision on when
-    this CPU would run bfloat16 slower than float32."""
-    if not cpu_has_native_bfloat16():
-        raise ValueError(
-            f"{key} on the CPU trains under bfloat16 autocast, but this CPU has no bfloat16 "
-            "instructions (AVX512-BF16 or AMX): bfloat16 would be emulated, several times "
-            f"slower than float32. Turn {key} off to train in float32."
-        )
 
 
 def trainer_class(amp: bool, device: str, *, amp_key: str, device_key: str) -> type:
@@ -55,7 +43,12 @@ def trainer_class(amp: bool, device: str, *, amp_key: str, device_key: str) -> t
     if kind != "cpu":
         raise ValueError(f"{amp_key} trains with autocast on cuda or cpu, got {device_key} "
                          f"{device!r}")
-    check_cpu_autocast(amp_key)
+    if not cpu_has_native_bfloat16():
+        raise ValueError(
+            f"{amp_key} on the CPU trains under bfloat16 autocast, but this CPU has no bfloat16 "
+            "instructions (AVX512-BF16 or AMX): bfloat16 would be emulated, several times "
+            f"slower than float32. Turn {amp_key} off to train in float32."
+        )
     return CPUAutocastTrainer
 
 
